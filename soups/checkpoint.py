@@ -1,0 +1,212 @@
+"""Safetensors checkpoints: reading headers cheaply, checking ingredients against each other, writing atomically.
+
+Ingredients are validated from their headers alone before any tensor is read, so a bad pool fails in
+milliseconds and names the offending files instead of failing half-way through a soup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_MISMATCHES_SHOWN = 5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: missing, unreadable, truncated, or not a safetensors file."""
+
+
+class IncompatibleCheckpointsError(CheckpointError):
+    """Ingredients do not share keys, shapes and dtypes, so they cannot be averaged."""
+
+
+class NonFiniteTensorError(CheckpointError):
+    """An ingredient holds NaN or infinite values; averaging would poison the soup."""
+
+
+@dataclass(frozen=True)
+class Ingredient:
+    """One fine-tuned checkpoint and what is known about it (held-out score, where it came from)."""
+
+    path: Path
+    score: float | None = None
+    name: str = ""
+    origin: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if not self.name:
+            object.__setattr__(self, "name", self.path.stem)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> dict[str, TensorSpec]:
+    """Parse a safetensors header without reading tensor data, checking the file is long enough."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint not found: {path} (check the path, or that the run finished writing it)"
+        )
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(
+                    f"{path}: file is {size} bytes, too short to be a safetensors checkpoint"
+                )
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(_MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(
+                    f"{path}: header length {header_len} exceeds the file; truncated or not safetensors"
+                )
+            raw = json.loads(f.read(header_len))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"{path}: unreadable safetensors header ({err}); re-export the checkpoint"
+        ) from err
+    raw.pop("__metadata__", None)
+    specs: dict[str, TensorSpec] = {}
+    data_end = 0
+    for key, entry in raw.items():
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
+        specs[key] = TensorSpec(entry["dtype"], tuple(entry["shape"]))
+        data_end = max(data_end, entry["data_offsets"][1])
+    if 8 + header_len + data_end > size:
+        raise CheckpointError(
+            f"{path}: truncated: header promises {8 + header_len + data_end} bytes, file has {size}; "
+            "the copy or download was interrupted, fetch it again"
+        )
+    return specs
+
+
+def check_compatible(paths: Sequence[Path]) -> dict[str, TensorSpec]:
+    """Check that every checkpoint has the same keys, shapes and dtypes as the first; return that layout."""
+    if not paths:
+        raise CheckpointError("no ingredients given: a soup needs at least one checkpoint")
+    reference_path = Path(paths[0])
+    reference = read_header(reference_path)
+    for path in paths[1:]:
+        problems = _layout_differences(reference, read_header(Path(path)))
+        if problems:
+            shown = "; ".join(problems[:_MISMATCHES_SHOWN])
+            more = (
+                f" (and {len(problems) - _MISMATCHES_SHOWN} more)"
+                if len(problems) > _MISMATCHES_SHOWN
+                else ""
+            )
+            raise IncompatibleCheckpointsError(
+                f"{path} is incompatible with {reference_path}: {shown}{more}. "
+                "Only checkpoints fine-tuned from the same architecture can be souped."
+            )
+    return reference
+
+
+def _layout_differences(reference: dict[str, TensorSpec], other: dict[str, TensorSpec]) -> list[str]:
+    problems = [f"missing key {k!r}" for k in reference if k not in other]
+    problems += [f"unexpected key {k!r}" for k in other if k not in reference]
+    for key, spec in reference.items():
+        theirs = other.get(key)
+        if theirs is None:
+            continue
+        if theirs.shape != spec.shape:
+            problems.append(f"{key!r} has shape {list(theirs.shape)}, expected {list(spec.shape)}")
+        if theirs.dtype != spec.dtype:
+            problems.append(f"{key!r} has dtype {theirs.dtype}, expected {spec.dtype}")
+    return problems
+
+
+def iter_tensors(path: Path, keys: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield tensors one at a time, so callers hold one tensor of this file at once, never the whole file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in keys if keys is not None else f.keys():
+                yield key, f.get_tensor(key)
+    except SafetensorError as err:
+        raise CheckpointError(
+            f"{path}: cannot read tensors ({err}); the file is damaged, fetch it again"
+        ) from err
+
+
+def load_state_dict(path: Path) -> StateDict:
+    """Load a whole checkpoint (validated header first, so errors name the file)."""
+    read_header(Path(path))
+    return dict(iter_tensors(Path(path)))
+
+
+def ensure_finite(key: str, tensor: torch.Tensor, source: str) -> None:
+    """Refuse NaN/inf values. A float32 sum is finite exactly when every entry is (barring overflow of huge
+    values, which the exact check below then clears), and costs a tenth of an elementwise isfinite."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(torch.sum(tensor, dtype=torch.float32))):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise NonFiniteTensorError(
+            f"{source}: tensor {key!r} has {bad} NaN/inf values; this ingredient diverged, leave it out of the soup"
+        )
+
+
+def save_state_dict(
+    state_dict: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write to a temporary name in the same folder, then rename: readers never see a half-written file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Map a dtype given on the command line or in a config ('float16', 'bf16', 'F32') to torch."""
+    aliases = {
+        "float32": "F32",
+        "fp32": "F32",
+        "float16": "F16",
+        "fp16": "F16",
+        "half": "F16",
+        "bfloat16": "BF16",
+        "bf16": "BF16",
+        "float64": "F64",
+        "fp64": "F64",
+    }
+    key = aliases.get(name.lower(), name.upper())
+    if key not in SAFETENSORS_DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of float32, float16, bfloat16, float64")
+    return SAFETENSORS_DTYPES[key]

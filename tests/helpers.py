@@ -1,0 +1,26 @@
+"""Small checkpoint factories shared by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from soups.checkpoint import Ingredient, save_state_dict
+
+
+def random_state_dict(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "layer.weight": torch.randn(6, 5, generator=g).to(dtype),
+        "layer.bias": torch.randn(6, generator=g).to(dtype),
+        "norm.scale": (torch.rand(3, 2, 2, generator=g) * 4).to(dtype),
+        "counter": torch.tensor([seed], dtype=torch.int64),
+    }
+
+
+def write_ingredients(folder: Path, seeds: list[int], dtype: torch.dtype = torch.float32) -> list[Ingredient]:
+    return [
+        Ingredient(save_state_dict(random_state_dict(s, dtype), folder / f"ingredient-{s}.safetensors"))
+        for s in seeds
+    ]

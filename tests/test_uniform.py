@@ -1,0 +1,72 @@
+"""Uniform soup: exact mean, order independent, streamed, and refusing bad checkpoints without writing."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from soups.checkpoint import load_state_dict
+from soups.recipes import cook
+from tests.helpers import random_state_dict, write_ingredients
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _float64_mean(ingredients, key):
+    return torch.stack([load_state_dict(i.path)[key].double() for i in ingredients]).mean(0)
+
+
+def test_uniform_soup_is_the_float64_mean(tmp_path):
+    for dtype_name, dtype in DTYPES.items():
+        for n in (1, 2, 7):
+            folder = tmp_path / f"{dtype_name}-{n}"
+            ingredients = write_ingredients(folder, list(range(n)), dtype)
+            (dish,) = cook("uniform", ingredients)
+            for key in ("layer.weight", "layer.bias", "norm.scale"):
+                soup = dish.state_dict[key]
+                assert soup.dtype == dtype, f"soup must keep the ingredients' dtype {dtype}"
+                expected = _float64_mean(ingredients, key)
+                # Accumulation is float32; the only further error is rounding the result to the stored dtype.
+                tolerance = torch.finfo(dtype).eps * expected.abs().max().item() + 1e-6
+                assert torch.allclose(soup.double(), expected, atol=tolerance, rtol=0), (dtype_name, n, key)
+            assert torch.equal(dish.state_dict["counter"], torch.tensor([0])), (
+                "integer tensors come from the first"
+            )
+
+
+def test_uniform_soup_with_mixed_dtypes_inside_a_checkpoint(tmp_path):
+    from soups.checkpoint import Ingredient, save_state_dict
+
+    ingredients = []
+    for seed in range(3):
+        sd = random_state_dict(seed)
+        sd["layer.weight"] = sd["layer.weight"].half()
+        sd["norm.scale"] = sd["norm.scale"].bfloat16()
+        ingredients.append(Ingredient(save_state_dict(sd, tmp_path / f"m{seed}.safetensors")))
+    (dish,) = cook("uniform", ingredients)
+    assert dish.state_dict["layer.weight"].dtype == torch.float16
+    assert dish.state_dict["norm.scale"].dtype == torch.bfloat16
+    assert dish.state_dict["layer.bias"].dtype == torch.float32
+    expected = _float64_mean(ingredients, "layer.bias")
+    assert torch.allclose(dish.state_dict["layer.bias"].double(), expected, atol=1e-6)
+
+
+def test_output_dtype_can_be_chosen(tmp_path):
+    ingredients = write_ingredients(tmp_path, [1, 2], torch.bfloat16)
+    (dish,) = cook("uniform", ingredients, dtype=torch.float32)
+    assert dish.state_dict["layer.weight"].dtype == torch.float32
+    assert torch.allclose(
+        dish.state_dict["layer.weight"].double(), _float64_mean(ingredients, "layer.weight"), atol=1e-6
+    )
+
+
+@settings(max_examples=15, deadline=None)
+@given(order=st.permutations(list(range(5))))
+def test_ingredient_order_does_not_matter(tmp_path_factory, order):
+    folder = tmp_path_factory.mktemp("order")
+    ingredients = write_ingredients(folder, list(range(5)))
+    (reference,) = cook("uniform", ingredients)
+    (shuffled,) = cook("uniform", [ingredients[i] for i in order])
+    for key in ("layer.weight", "layer.bias", "norm.scale"):
+        assert torch.allclose(reference.state_dict[key], shuffled.state_dict[key], atol=1e-6, rtol=1e-6)

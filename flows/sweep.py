@@ -1,0 +1,97 @@
+"""The sweep flow: an Optuna study (ask-and-tell) whose trials are Prefect tasks, ``parallel`` at a time."""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+from optuna.trial import TrialState
+from prefect import flow
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from soups.config import PipelineConfig
+from soups.runtime import available_cores
+from tasks.ingredients import TrialOutcome, TrialRef, train_ingredient
+from tasks.studies import open_study, sample_params
+from tasks.tracking import client_for, ensure_experiment
+
+_POLL_SECONDS = 0.2
+
+
+@flow(name="sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
+def sweep_flow(config: PipelineConfig, pretrained: str | None = None) -> dict:
+    """Run ``sweep.n_trials`` more trials of the study; returns what finished, failed and was pruned."""
+    experiment_id = ensure_experiment(config)
+    study = open_study(config)
+    client = client_for(config.tracking)
+    parent = client.create_run(experiment_id, run_name=f"sweep-{config.study_name}",
+                               tags={"kind": "sweep", "study": config.study_name})
+    checkpoint_dir = (config.tracking.root / "checkpoints").resolve()
+    parallel = config.sweep.parallel
+    threads = max(1, available_cores() // parallel)
+    base = config.model_copy(update={"train": config.train.model_copy(update={"threads": threads})})
+    progress = create_progress_artifact(0.0, description=f"trials of study {config.study_name}")
+
+    in_flight: dict[PrefectFuture, optuna.Trial] = {}
+    outcomes: list[TrialOutcome] = []
+    failures: dict[int, str] = {}
+    asked = 0
+    while asked < config.sweep.n_trials or in_flight:
+        while asked < config.sweep.n_trials and len(in_flight) < parallel:
+            trial = study.ask()
+            params = sample_params(trial, config.space)
+            ref = TrialRef(study_name=config.study_name, storage=config.tracking.resolved_optuna_storage(),
+                           trial_id=trial._trial_id, number=trial.number, experiment_id=experiment_id,
+                           parent_run_id=parent.info.run_id, checkpoint_dir=checkpoint_dir)
+            in_flight[train_ingredient.submit(base, ref, params, pretrained)] = trial
+            asked += 1
+        for future in _finished(in_flight):
+            trial = in_flight.pop(future)
+            _tell(study, trial, future, outcomes, failures)
+            done = len(outcomes) + len(failures)
+            update_progress_artifact(progress, 100.0 * done / config.sweep.n_trials)
+            print(f"trials done {done}/{config.sweep.n_trials} ({len(failures)} failed or pruned)")
+
+    client.log_metric(parent.info.run_id, "finished_trials", len(outcomes))
+    client.log_metric(parent.info.run_id, "failed_trials", len(failures))
+    if outcomes:
+        client.log_metric(parent.info.run_id, "best_heldout_accuracy", max(o.value for o in outcomes))
+    client.set_terminated(parent.info.run_id, "FINISHED")
+    return {
+        "parent_run_id": parent.info.run_id,
+        "finished": [o.model_dump(mode="json") for o in outcomes],
+        "failed": failures,
+    }
+
+
+def _finished(in_flight: dict[PrefectFuture, object]) -> list[PrefectFuture]:
+    """Block until at least one trial is over; return all that are."""
+    while True:
+        done = [f for f in in_flight if f.state.is_final()]
+        if done:
+            return done
+        time.sleep(_POLL_SECONDS)
+
+
+def _tell(
+    study: optuna.Study, trial: optuna.Trial, future: PrefectFuture, outcomes: list, failures: dict[int, str]
+) -> None:
+    state = future.state
+    if state.is_completed():
+        outcome: TrialOutcome = future.result()
+        study.tell(trial, outcome.value)
+        outcomes.append(outcome)
+        overhead = outcome.task_seconds - outcome.train_function_seconds
+        print(f"trial {trial.number}: held-out accuracy {outcome.value:.4f}, registered as version "
+              f"{outcome.version} (orchestration overhead {overhead:.2f}s)")
+        return
+    error = future.result(raise_on_failure=False)
+    failures[trial.number] = f"{type(error).__name__}: {error}"
+    if isinstance(error, optuna.TrialPruned):
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        trial.set_user_attr("fail_reason", failures[trial.number][:1000])
+        study.tell(trial, state=TrialState.FAIL)
+    print(f"trial {trial.number} did not finish: {failures[trial.number]}")

@@ -1,0 +1,131 @@
+"""The sweep's unit of work: fine-tune one ingredient, track it in MLflow, register it, report to Optuna.
+
+Inputs and outputs are plain ids, configs and paths, so a trial can later run as its own flow run on
+another machine: the task reopens the Optuna trial from (storage, study, trial id) and talks to MLflow
+through explicit run ids.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from pydantic import BaseModel
+
+from soups.config import PipelineConfig
+from tasks.studies import open_trial
+from tasks.tracking import (
+    PARENT_RUN_TAG,
+    client_for,
+    flat_params,
+    ingredients_model_name,
+    log_params,
+    sha256_of,
+)
+
+
+class TrialRef(BaseModel):
+    """Where a trial lives and where its outputs go."""
+
+    study_name: str
+    storage: str
+    trial_id: int
+    number: int
+    experiment_id: str
+    parent_run_id: str
+    checkpoint_dir: Path
+
+
+class TrialOutcome(BaseModel):
+    number: int
+    value: float
+    run_id: str
+    version: str
+    checkpoint: Path
+    train_function_seconds: float
+    task_seconds: float
+
+
+@task(name="train-ingredient", task_run_name="trial-{ref.number}", retries=0)
+def train_ingredient(
+    config: PipelineConfig, ref: TrialRef, params: dict[str, Any], pretrained: str | None
+) -> TrialOutcome:
+    """Fine-tune with the sampled params; a failure marks the MLflow run failed, registers nothing, re-raises."""
+    import optuna
+
+    from soups.train import EpochReport, finetune
+
+    started = time.perf_counter()
+    client = client_for(config.tracking)
+    finetune_config = config.finetune_config(params, pretrained)
+    run = client.create_run(
+        ref.experiment_id,
+        run_name=f"trial-{ref.number}",
+        tags={PARENT_RUN_TAG: ref.parent_run_id, "kind": "ingredient", "study": ref.study_name,
+              "trial_number": str(ref.number)},
+    )
+    run_id = run.info.run_id
+    try:
+        log_params(client, run_id, {**flat_params(finetune_config.model_dump(mode="json")),
+                                    **flat_params(params, "sampled.")})
+        _log_dataset(client, run_id, config)
+        trial = open_trial(ref.storage, ref.study_name, ref.trial_id)
+
+        def on_epoch(report: EpochReport) -> None:
+            for key in ("train_loss", "heldout_accuracy", "heldout_loss"):
+                client.log_metric(run_id, key, getattr(report, key), step=report.epoch)
+            trial.report(report.heldout_accuracy, report.epoch)
+            print(f"trial {ref.number}: epoch {report.epoch}/{finetune_config.train.epochs} "
+                  f"held-out accuracy {report.heldout_accuracy:.3f}")
+            if config.sweep.pruning and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {report.epoch}")
+
+        checkpoint = ref.checkpoint_dir / f"{ref.study_name}-trial-{ref.number}.safetensors"
+        train_started = time.perf_counter()
+        result = finetune(finetune_config, checkpoint, on_epoch=on_epoch)
+        train_seconds = time.perf_counter() - train_started
+        for key, value in result.metrics.items():
+            client.log_metric(run_id, key, value)
+        client.log_artifact(run_id, str(checkpoint), "checkpoint")
+        digest = sha256_of(checkpoint)
+        version = client.create_model_version(
+            ingredients_model_name(config),
+            source=f"{run.info.artifact_uri}/checkpoint",
+            run_id=run_id,
+            tags={"study": ref.study_name, "trial_number": str(ref.number),
+                  "heldout_accuracy": f"{result.metrics['heldout_accuracy']:.6f}", "sha256": digest,
+                  "checkpoint": checkpoint.name, "model_name": config.model.name},
+        )
+        outcome = TrialOutcome(
+            number=ref.number, value=result.metrics["heldout_accuracy"], run_id=run_id,
+            version=str(version.version), checkpoint=checkpoint, train_function_seconds=train_seconds,
+            task_seconds=time.perf_counter() - started,
+        )
+        client.set_terminated(run_id, "FINISHED")
+    except optuna.TrialPruned as pruned:
+        client.set_tag(run_id, "pruned", str(pruned))
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException as err:
+        client.set_tag(run_id, "failure_reason", f"{type(err).__name__}: {err}"[:5000])
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return outcome
+
+
+def _log_dataset(client, run_id: str, config: PipelineConfig) -> None:
+    """The training split as an MLflow dataset input (digest of its labels, source = how it was loaded)."""
+    import mlflow
+    import numpy as np
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    from soups.evaluate import bundle_for
+
+    labels = np.asarray(bundle_for(config.data).train.labels)
+    source = CodeDatasetSource({"dataset": config.data.model_dump_json()})
+    dataset = mlflow.data.from_numpy(labels, source=source, name=f"{config.data.name}-train")
+    context = InputTag("mlflow.data.context", "train")
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [context])])

@@ -26,8 +26,9 @@ def sweep_flow(config: PipelineConfig, pretrained: str | None = None) -> dict:
     experiment_id = ensure_experiment(config)
     study = open_study(config)
     client = client_for(config.tracking)
-    parent = client.create_run(experiment_id, run_name=f"sweep-{config.study_name}",
-                               tags={"kind": "sweep", "study": config.study_name})
+    parent = client.create_run(
+        experiment_id, run_name=f"sweep-{config.study_name}", tags={"kind": "sweep", "study": config.study_name}
+    )
     checkpoint_dir = (config.tracking.root / "checkpoints").resolve()
     parallel = config.sweep.parallel
     threads = max(1, available_cores() // parallel)
@@ -42,9 +43,15 @@ def sweep_flow(config: PipelineConfig, pretrained: str | None = None) -> dict:
         while asked < config.sweep.n_trials and len(in_flight) < parallel:
             trial = study.ask()
             params = sample_params(trial, config.space)
-            ref = TrialRef(study_name=config.study_name, storage=config.tracking.resolved_optuna_storage(),
-                           trial_id=trial._trial_id, number=trial.number, experiment_id=experiment_id,
-                           parent_run_id=parent.info.run_id, checkpoint_dir=checkpoint_dir)
+            ref = TrialRef(
+                study_name=config.study_name,
+                storage=config.tracking.resolved_optuna_storage(),
+                trial_id=trial._trial_id,
+                number=trial.number,
+                experiment_id=experiment_id,
+                parent_run_id=parent.info.run_id,
+                checkpoint_dir=checkpoint_dir,
+            )
             in_flight[train_ingredient.submit(base, ref, params, pretrained)] = trial
             asked += 1
         for future in _finished(in_flight):
@@ -84,8 +91,10 @@ def _tell(
         study.tell(trial, outcome.value)
         outcomes.append(outcome)
         overhead = outcome.task_seconds - outcome.train_function_seconds
-        print(f"trial {trial.number}: held-out accuracy {outcome.value:.4f}, registered as version "
-              f"{outcome.version} (orchestration overhead {overhead:.2f}s)")
+        print(
+            f"trial {trial.number}: held-out accuracy {outcome.value:.4f}, registered as version "
+            f"{outcome.version} (orchestration overhead {overhead:.2f}s)"
+        )
         return
     error = future.result(raise_on_failure=False)
     failures[trial.number] = f"{type(error).__name__}: {error}"

@@ -27,9 +27,7 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     name: Literal["digits", "imagefolder", "csv"] = "digits"
-    root: Path | None = Field(
-        None, description="imagefolder: folder with train/ val/ test/ (+ shift folders)."
-    )
+    root: Path | None = Field(None, description="imagefolder: folder with train/ val/ test/ (+ shift folders).")
     manifest: Path | None = Field(None, description="csv: manifest with columns path,label[,split].")
     seed: int = Field(0, description="Seed of the split and of the generated shift sets.")
 
@@ -191,8 +189,10 @@ class PipelineConfig(_Section):
     def _space_fits_train(self) -> PipelineConfig:
         unknown = [name for name in self.space if name not in TrainConfig.model_fields]
         if unknown:
-            raise ValueError(f"space names {unknown}, which are not training settings; allowed: "
-                             f"{', '.join(TrainConfig.model_fields)}")
+            raise ValueError(
+                f"space names {unknown}, which are not training settings; allowed: "
+                f"{', '.join(TrainConfig.model_fields)}"
+            )
         return self
 
     @property

@@ -176,8 +176,9 @@ class Evaluator:
         return self.module
 
     def metrics(self, split: str, model: nn.Module | None = None) -> Metrics:
-        return evaluate(model or self.module, self.splits[split], self.preprocess,
-                        batch_size=self.batch_size, device=self.device)
+        return evaluate(
+            model or self.module, self.splits[split], self.preprocess, batch_size=self.batch_size, device=self.device
+        )
 
     def accuracy(self, state_dict: StateDict, split: str = "heldout") -> float:
         """The ``evaluate`` callback of the greedy soup: held-out accuracy of a state dict."""

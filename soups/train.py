@@ -93,8 +93,9 @@ def _train(
     classifier.to(device)
     if cuda:
         classifier.to(memory_format=torch.channels_last)
-    images, labels = (train_set.images.pin_memory(), train_set.labels.pin_memory()) if cuda else (
-        train_set.images, train_set.labels)
+    images, labels = (
+        (train_set.images.pin_memory(), train_set.labels.pin_memory()) if cuda else (train_set.images, train_set.labels)
+    )
     steps_per_epoch = math.ceil(len(train_set) / train.batch_size)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -63,13 +63,18 @@ def train_ingredient(
     run = client.create_run(
         ref.experiment_id,
         run_name=f"trial-{ref.number}",
-        tags={PARENT_RUN_TAG: ref.parent_run_id, "kind": "ingredient", "study": ref.study_name,
-              "trial_number": str(ref.number)},
+        tags={
+            PARENT_RUN_TAG: ref.parent_run_id,
+            "kind": "ingredient",
+            "study": ref.study_name,
+            "trial_number": str(ref.number),
+        },
     )
     run_id = run.info.run_id
     try:
-        log_params(client, run_id, {**flat_params(finetune_config.model_dump(mode="json")),
-                                    **flat_params(params, "sampled.")})
+        log_params(
+            client, run_id, {**flat_params(finetune_config.model_dump(mode="json")), **flat_params(params, "sampled.")}
+        )
         _log_dataset(client, run_id, config)
         trial = open_trial(ref.storage, ref.study_name, ref.trial_id)
 
@@ -77,8 +82,10 @@ def train_ingredient(
             for key in ("train_loss", "heldout_accuracy", "heldout_loss"):
                 client.log_metric(run_id, key, getattr(report, key), step=report.epoch)
             trial.report(report.heldout_accuracy, report.epoch)
-            print(f"trial {ref.number}: epoch {report.epoch}/{finetune_config.train.epochs} "
-                  f"held-out accuracy {report.heldout_accuracy:.3f}")
+            print(
+                f"trial {ref.number}: epoch {report.epoch}/{finetune_config.train.epochs} "
+                f"held-out accuracy {report.heldout_accuracy:.3f}"
+            )
             if config.sweep.pruning and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {report.epoch}")
 
@@ -94,13 +101,22 @@ def train_ingredient(
             ingredients_model_name(config),
             source=f"{run.info.artifact_uri}/checkpoint",
             run_id=run_id,
-            tags={"study": ref.study_name, "trial_number": str(ref.number),
-                  "heldout_accuracy": f"{result.metrics['heldout_accuracy']:.6f}", "sha256": digest,
-                  "checkpoint": checkpoint.name, "model_name": config.model.name},
+            tags={
+                "study": ref.study_name,
+                "trial_number": str(ref.number),
+                "heldout_accuracy": f"{result.metrics['heldout_accuracy']:.6f}",
+                "sha256": digest,
+                "checkpoint": checkpoint.name,
+                "model_name": config.model.name,
+            },
         )
         outcome = TrialOutcome(
-            number=ref.number, value=result.metrics["heldout_accuracy"], run_id=run_id,
-            version=str(version.version), checkpoint=checkpoint, train_function_seconds=train_seconds,
+            number=ref.number,
+            value=result.metrics["heldout_accuracy"],
+            run_id=run_id,
+            version=str(version.version),
+            checkpoint=checkpoint,
+            train_function_seconds=train_seconds,
             task_seconds=time.perf_counter() - started,
         )
         client.set_terminated(run_id, "FINISHED")

@@ -1,0 +1,20 @@
+"""The whole job in one flow: pretrain (only when configured) -> sweep -> kitchen."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.kitchen import kitchen_flow
+from flows.sweep import sweep_flow
+from soups.config import PipelineConfig
+from tasks.pretraining import pretrain_task
+
+
+@flow(name="soup-pipeline", log_prints=True)
+def pipeline_flow(config: PipelineConfig) -> dict:
+    pretrained = pretrain_task(config)
+    sweep = sweep_flow(config, pretrained)
+    if not sweep["finished"]:
+        raise RuntimeError(f"no trial of study {config.study_name!r} finished; failures: {sweep['failed']}")
+    kitchen = kitchen_flow(config, pretrained)
+    return {"pretrained": pretrained, "sweep": sweep, "kitchen": kitchen}

@@ -1,0 +1,107 @@
+"""The soup kitchen without any orchestration: cook recipes from checkpoint files and score every candidate
+on held-out, test and every shift set with one evaluator (splits decoded once, one module reused).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soups.checkpoint import Ingredient, load_state_dict, save_state_dict
+from soups.config import FinetuneConfig, KitchenConfig
+from soups.evaluate import Evaluator, Preprocess, evaluation_splits
+from soups.recipes import Dish, Kitchen, cook
+from soups.runtime import resolve_device
+from soups.train import zero_shot_classifier
+
+
+@dataclass
+class Candidate:
+    """One row of the leaderboard: a model, how it was made, and how it scores."""
+
+    name: str
+    recipe: str
+    ingredients: list[str]
+    scores: dict[str, float]
+    checkpoint: Path | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_single_model(self) -> bool:
+        """Ensembles cost N forward passes; only single models can be promoted."""
+        return self.checkpoint is not None
+
+
+@dataclass
+class KitchenSetup:
+    evaluator: Evaluator
+    kitchen: Kitchen
+
+
+def prepare(config: FinetuneConfig, workdir: Path, learned_batch_size: int = 256) -> KitchenSetup:
+    """Zero-shot start (the WiSE-FT base), evaluator over every split, held-out batches for learned soups."""
+    device = resolve_device(config.train.device)
+    classifier = zero_shot_classifier(config, device)
+    base = save_state_dict(classifier.state_dict(), Path(workdir) / "zero-shot.safetensors")
+    preprocess = Preprocess.of(classifier)
+    splits, shifts = evaluation_splits(config.data, preprocess)
+    evaluator = Evaluator(
+        classifier, splits, preprocess, shifts=shifts, device=device, batch_size=config.train.eval_batch_size
+    )
+    heldout = [
+        (preprocess.normalize(images.to(device)), labels.to(device))
+        for images, labels in splits["heldout"].batches(learned_batch_size)
+    ]
+    kitchen = Kitchen(evaluate=evaluator.accuracy, module=classifier, heldout=heldout, base=base, device=str(device))
+    return KitchenSetup(evaluator, kitchen)
+
+
+def recipe_options(recipe: str, settings: KitchenConfig) -> dict[str, Any]:
+    return {
+        "greedy": {"strict": settings.greedy_strict},
+        "learned": {"epochs": settings.learned_epochs},
+        "learned_by_layer": {"epochs": settings.learned_epochs},
+        "wise_ft": {"alphas": settings.wise_ft_alphas},
+    }.get(recipe, {})
+
+
+def score_ingredients(setup: KitchenSetup, ingredients: Sequence[Ingredient]) -> list[Candidate]:
+    return [
+        Candidate(i.name, "ingredient", [i.name], setup.evaluator.report(load_state_dict(i.path)), i.path)
+        for i in ingredients
+    ]
+
+
+def cook_recipe(
+    setup: KitchenSetup, recipe: str, ingredients: Sequence[Ingredient], settings: KitchenConfig, out_dir: Path
+) -> list[Candidate]:
+    """Cook one recipe, write each single-model dish to ``out_dir``, and score it on every split."""
+    dishes = cook(recipe, ingredients, setup.kitchen, **recipe_options(recipe, settings))
+    return [_serve(setup, dish, Path(out_dir)) for dish in dishes]
+
+
+def _serve(setup: KitchenSetup, dish: Dish, out_dir: Path) -> Candidate:
+    names = [i.name for i in dish.ingredients]
+    details = jsonable(dish.details)
+    if dish.state_dict is None:
+        return Candidate(dish.name, dish.recipe, names, setup.evaluator.report(model=dish.model), None, details)
+    checkpoint = save_state_dict(
+        dish.state_dict, out_dir / f"{dish.name}.safetensors", {"recipe": dish.recipe, "ingredients": json.dumps(names)}
+    )
+    return Candidate(dish.name, dish.recipe, names, setup.evaluator.report(dish.state_dict), checkpoint, details)
+
+
+def jsonable(value: Any) -> Any:
+    """Details (trajectories, coefficients) as plain JSON types, for tags, artifacts and flow results."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value

@@ -1,0 +1,230 @@
+"""Kitchen tasks: gather ingredients from the registry, cook and score candidates, report, register soups.
+
+Tasks take configs, ids and paths. The evaluator (decoded splits plus one module) is built once per process
+and per (config, pretrained start), so the recipes cooked one after another share it.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from pydantic import BaseModel
+
+from soups.checkpoint import Ingredient
+from soups.config import PipelineConfig
+from soups.kitchen import Candidate, KitchenSetup, cook_recipe, prepare, score_ingredients
+from tasks.tracking import client_for, ingredients_model_name, local_artifact, sha256_of
+
+
+class IngredientRef(BaseModel):
+    """A registered ingredient, fetched to a local file whose sha256 matched the registry's tag."""
+
+    version: str
+    run_id: str
+    trial_number: int
+    score: float
+    sha256: str
+    checkpoint: Path
+
+    @property
+    def name(self) -> str:
+        return f"ingredient-v{self.version}"
+
+    def ingredient(self) -> Ingredient:
+        return Ingredient(self.checkpoint, self.score, self.name, {"version": self.version, "run_id": self.run_id})
+
+
+class ChecksumMismatchError(RuntimeError):
+    """A fetched checkpoint differs from what was registered: refuse to cook with it."""
+
+
+@task(name="gather-ingredients")
+def gather_ingredients(config: PipelineConfig, into: Path) -> list[IngredientRef]:
+    """Every registered version of the study (or the configured versions), downloaded and checksummed."""
+    client = client_for(config.tracking)
+    versions = client.search_model_versions(f"name='{ingredients_model_name(config)}'")
+    wanted = config.kitchen.ingredient_versions
+    if wanted:
+        chosen = [v for v in versions if int(v.version) in set(wanted)]
+        missing = sorted(set(wanted) - {int(v.version) for v in chosen})
+        if missing:
+            raise ValueError(f"ingredient versions {missing} are not in {ingredients_model_name(config)}")
+    else:
+        chosen = [v for v in versions if v.tags.get("study") == config.study_name]
+    if not chosen:
+        raise ValueError(f"no ingredients registered for study {config.study_name!r}; run the sweep first")
+    refs = []
+    for version in sorted(chosen, key=lambda v: int(v.version)):
+        path = local_artifact(
+            client, version.run_id, f"checkpoint/{version.tags['checkpoint']}", into / str(version.version)
+        )
+        digest = sha256_of(path)
+        if digest != version.tags["sha256"]:
+            raise ChecksumMismatchError(
+                f"{path} (ingredient version {version.version}) has sha256 {digest}, registered "
+                f"{version.tags['sha256']}; the artifact store copy is damaged, re-run that trial"
+            )
+        refs.append(
+            IngredientRef(
+                version=str(version.version),
+                run_id=version.run_id,
+                trial_number=int(version.tags["trial_number"]),
+                score=float(version.tags["heldout_accuracy"]),
+                sha256=digest,
+                checkpoint=path,
+            )
+        )
+    print(f"gathered {len(refs)} ingredients: versions {', '.join(r.version for r in refs)}")
+    return refs
+
+
+@lru_cache(maxsize=2)
+def _setup(config_json: str, pretrained: str | None, workdir: str) -> KitchenSetup:
+    config = PipelineConfig.model_validate_json(config_json)
+    return prepare(config.finetune_config(pretrained=pretrained), Path(workdir), config.kitchen.learned_batch_size)
+
+
+def kitchen_setup(config: PipelineConfig, pretrained: str | None, workdir: Path) -> KitchenSetup:
+    return _setup(config.model_dump_json(), pretrained, str(workdir))
+
+
+@task(name="score-ingredients")
+def score_ingredients_task(
+    config: PipelineConfig, refs: list[IngredientRef], pretrained: str | None, workdir: Path
+) -> list[Candidate]:
+    return score_ingredients(kitchen_setup(config, pretrained, workdir), [r.ingredient() for r in refs])
+
+
+@task(name="cook", task_run_name="cook-{recipe}")
+def cook_task(
+    config: PipelineConfig, recipe: str, refs: list[IngredientRef], pretrained: str | None, workdir: Path
+) -> list[Candidate]:
+    setup = kitchen_setup(config, pretrained, workdir)
+    candidates = cook_recipe(setup, recipe, [r.ingredient() for r in refs], config.kitchen, workdir / "soups")
+    for c in candidates:
+        print(
+            f"{c.name}: held-out {c.scores['heldout']:.4f}, test {c.scores['test']:.4f}, "
+            f"shift mean {c.scores.get('shift_mean', float('nan')):.4f} ({len(c.ingredients)} ingredients)"
+        )
+    return candidates
+
+
+@task(name="log-kitchen-report")
+def log_kitchen_report(config: PipelineConfig, run_id: str, candidates: list[Candidate], workdir: Path) -> list[dict]:
+    """Leaderboard (MLflow table + CSV + Prefect table) and figures logged to the kitchen run."""
+    import matplotlib.pyplot as plt
+
+    from soups.report import accuracy_vs_shift_figure, greedy_trajectory_figure, leaderboard, mixing_weights_figure
+
+    client = client_for(config.tracking)
+    shifts = kitchen_setup_shifts(candidates)
+    board = leaderboard(candidates, shifts)
+    csv_path = Path(workdir) / "leaderboard.csv"
+    board.to_csv(csv_path, index=False)
+    client.log_artifact(run_id, str(csv_path))
+    client.log_table(run_id, board, "leaderboard.json")
+    create_table_artifact(
+        board.round(4).to_dict("records"),
+        key=f"{config.experiment.lower()}-leaderboard",
+        description=f"Soup leaderboard of study {config.study_name}",
+    )
+    figures = {
+        "accuracy_vs_shift.png": accuracy_vs_shift_figure(board),
+        "heldout_vs_shift.png": accuracy_vs_shift_figure(board, y="heldout"),
+    }
+    by_recipe = {c.recipe: c for c in candidates}
+    if "greedy" in by_recipe:
+        figures["greedy_trajectory.png"] = greedy_trajectory_figure(by_recipe["greedy"].details["trajectory"])
+    for recipe in ("learned", "learned_by_layer"):
+        if recipe in by_recipe:
+            c = by_recipe[recipe]
+            figures[f"{recipe}_weights.png"] = mixing_weights_figure(c.details["coefficients"], c.ingredients)
+    for name, figure in figures.items():
+        client.log_figure(run_id, figure, name)
+        plt.close(figure)
+    return board.to_dict("records")
+
+
+def kitchen_setup_shifts(candidates: list[Candidate]) -> list[str]:
+    """Shift-set names, read off the score rows (everything that is not a fixed column)."""
+    fixed = {"heldout", "heldout_loss", "test", "shift_mean"}
+    return [k for k in candidates[0].scores if k not in fixed]
+
+
+class RegisteredCandidate(BaseModel):
+    name: str
+    recipe: str
+    version: str
+    scores: dict[str, float]
+
+
+@task(name="register-soups")
+def register_candidates(
+    config: PipelineConfig,
+    experiment_id: str,
+    kitchen_run_id: str,
+    candidates: list[Candidate],
+    refs: list[IngredientRef],
+    pretrained: str | None,
+    workdir: Path,
+) -> list[RegisteredCandidate]:
+    """Each promotable model (soups, best single, best WiSE-FT) as a version of the registered model
+    ``<experiment>``; a model whose weights are already registered (same sha256) keeps its version."""
+    client = client_for(config.tracking)
+    existing = {v.tags.get("sha256"): str(v.version) for v in client.search_model_versions(f"name='{config.experiment}'")}
+    versions_by_name = {r.name: r.version for r in refs}
+    setup = kitchen_setup(config, pretrained, workdir)
+    registered = []
+    for candidate in promotable(candidates):
+        digest = sha256_of(candidate.checkpoint)
+        version = existing.get(digest)
+        if version is None:
+            version = _log_and_register(config, experiment_id, kitchen_run_id, candidate, setup, workdir)
+            tags = {
+                "recipe": candidate.recipe,
+                "sha256": digest,
+                "study": config.study_name,
+                "ingredient_versions": ",".join(versions_by_name.get(n, n) for n in candidate.ingredients),
+                "heldout": f"{candidate.scores['heldout']:.6f}",
+                "coefficients": json.dumps(candidate.details.get("coefficients", ""))[:4900],
+            }
+            for key, value in tags.items():
+                client.set_model_version_tag(config.experiment, version, key, value)
+            existing[digest] = version
+        registered.append(
+            RegisteredCandidate(name=candidate.name, recipe=candidate.recipe, version=version, scores=candidate.scores)
+        )
+        print(f"{candidate.name} is version {version} of {config.experiment}")
+    return registered
+
+
+def promotable(candidates: list[Candidate]) -> list[Candidate]:
+    """Single-model candidates other than raw ingredients; of the WiSE-FT sweep only its best α by held-out."""
+    chosen = [c for c in candidates if c.is_single_model and c.recipe not in ("ingredient", "wise_ft")]
+    wise = [c for c in candidates if c.recipe == "wise_ft"]
+    if wise:
+        chosen.append(max(wise, key=lambda c: c.scores["heldout"]))
+    return chosen
+
+
+def _log_and_register(config, experiment_id, kitchen_run_id, candidate: Candidate, setup: KitchenSetup, workdir) -> str:
+    from tasks.packaging import log_classifier_model
+
+    client = client_for(config.tracking)
+    run = client.create_run(
+        experiment_id,
+        run_name=candidate.name,
+        tags={"mlflow.parentRunId": kitchen_run_id, "kind": "soup", "recipe": candidate.recipe},
+    )
+    for key, value in candidate.scores.items():
+        client.log_metric(run.info.run_id, key, value)
+    info = log_classifier_model(config, run.info.run_id, candidate.checkpoint, setup, Path(workdir) / candidate.name)
+    version = client.create_model_version(
+        config.experiment, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id
+    )
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return str(version.version)

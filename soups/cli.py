@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,6 +33,100 @@ def cook_command(args: argparse.Namespace) -> None:
     print(f"uniform soup of {len(ingredients)} ingredients written to {out}")
 
 
+def _config_from(args: argparse.Namespace):
+    """The one validated config: YAML file (or embedded defaults) plus ``--set key=value`` overrides."""
+    import yaml
+
+    from soups.config import ConfigError, load_config
+
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set expects key=value (e.g. sweep.n_trials=4), got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        return load_config(Path(args.config) if args.config else None, overrides)
+    except ConfigError as err:
+        raise UsageError(str(err)) from err
+
+
+def _prepare_environment(root: Path) -> None:
+    """Keep Prefect's local database beside the MLflow and Optuna data (unless the user chose a home or a
+    server), so the UIs printed at the end show this run; quiet MLflow's download progress bars."""
+    if "PREFECT_HOME" not in os.environ:
+        home = (root / "prefect").resolve()
+        home.mkdir(parents=True, exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(home)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # A fresh Prefect home migrates its database on first start, which takes longer than the 20 s default.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def pretrain_command(args: argparse.Namespace) -> None:
+    config = _config_from(args)
+    if config.pretrain is None or config.model.pretrained is not None:
+        raise UsageError("this config fine-tunes from model.pretrained; set it to null and keep a pretrain section")
+    from soups.evaluate import bundle_for
+    from soups.pretrain import pretrain_with
+    from tasks.pretraining import pretrained_start
+
+    result = pretrain_with(config.pretrain, config.model.name, bundle_for(config.data), pretrained_start(config))
+    print(f"zero-shot held-out accuracy {result.zero_shot_accuracy:.3f} after {result.seconds:.1f}s")
+    print(f"pretrained checkpoint: {result.checkpoint}")
+
+
+def stage_command(args: argparse.Namespace) -> None:
+    """``soups run|sweep|kitchen|promote``: one stage (or all) as a Prefect flow run."""
+    config = _config_from(args)
+    _prepare_environment(config.tracking.root)
+    started = time.perf_counter()
+    if args.command == "run":
+        from flows.pipeline import pipeline_flow
+
+        result = pipeline_flow(config)
+        _print_summary(config, result["kitchen"], time.perf_counter() - started)
+    elif args.command == "sweep":
+        from flows.sweep import sweep_flow
+        from tasks.pretraining import resolve_pretrained
+
+        result = sweep_flow(config, resolve_pretrained(config))
+        print(f"{len(result['finished'])} trials finished, {len(result['failed'])} failed or pruned")
+    elif args.command == "kitchen":
+        from flows.kitchen import kitchen_flow
+
+        _print_summary(config, kitchen_flow(config), time.perf_counter() - started)
+    else:
+        from flows.promote import promote_flow
+
+        print(promote_flow(config)["outcome"])
+
+
+def _print_summary(config, kitchen: dict, seconds: float) -> None:
+    import pandas as pd
+
+    board = pd.DataFrame(kitchen["leaderboard"])
+    print("\nLeaderboard (accuracy; held-out picks, test and shifts only report):")
+    print(board.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    promotion = kitchen["promotion"]
+    print(
+        f"\nChampion decision: {promotion['candidate']} (version {promotion['candidate_version']}, "
+        f"{promotion['metric']} {promotion['candidate_score']:.4f}) -> {promotion['outcome']}"
+    )
+    print(
+        f"Finished in {seconds:.0f}s. Load it anywhere with "
+        f"mlflow.pyfunc.load_model('models:/{config.experiment}@champion')."
+    )
+    tracking = config.tracking
+    print("\nLook at it:")
+    print(
+        f"  MLflow UI:        mlflow ui --backend-store-uri {tracking.resolved_mlflow_uri()} "
+        f"--default-artifact-root {tracking.artifact_root()}"
+    )
+    print(f"  Optuna dashboard: pip install optuna-dashboard && optuna-dashboard {tracking.resolved_optuna_storage()}")
+    print(f"  Prefect UI:       PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="soups", description="Model soups: average fine-tuned weights.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     cook.add_argument("--out", required=True, help="where to write the soup (.safetensors)")
     cook.add_argument("--dtype", help="dtype of the written soup (default: the ingredients' own)")
     cook.set_defaults(handler=cook_command)
+
+    stages = {
+        "run": "the whole pipeline: pretrain (if configured) -> sweep -> kitchen -> promotion",
+        "sweep": "add sweep.n_trials fine-tuning trials to the Optuna study (resumes it if it exists)",
+        "kitchen": "cook every configured recipe from the study's registered ingredients and promote the best",
+        "promote": "re-score the study's registered soups and promote the best",
+        "pretrain": "make the offline pretrained start (contrastive pretraining on the pretrain split)",
+    }
+    for name, text in stages.items():
+        stage = commands.add_parser(name, help=text, description=text)
+        stage.add_argument("config", nargs="?", help="YAML config file (default: the embedded offline defaults)")
+        stage.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override one setting, e.g. --set sweep.n_trials=4 (repeatable)",
+        )
+        stage.set_defaults(handler=pretrain_command if name == "pretrain" else stage_command)
     return parser
 
 

@@ -46,7 +46,7 @@ class TrainConfig(_Section):
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     epochs: int = Field(3, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
     warmup_steps: int = Field(10, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -104,7 +104,7 @@ def paper_search_space() -> dict[str, Distribution]:
 
 class SweepConfig(_Section):
     sampler: Literal["tpe", "random", "qmc"] = "tpe"
-    n_trials: int = Field(8, ge=1, description="Trials to add in this run (a resumed study keeps its old ones).")
+    n_trials: int = Field(16, ge=1, description="Trials to add in this run (a resumed study keeps its old ones).")
     parallel: int = Field(1, ge=1, description="Trials running at once.")
     seed: int = 0
     pruning: bool = Field(False, description="Median pruning on per-epoch held-out accuracy.")

@@ -24,6 +24,10 @@ from soups.models import ClipClassifier, build_classifier, save_classifier
 from soups.runtime import resolve_device, use_cores
 
 
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite: the run is useless as an ingredient and must not be registered."""
+
+
 @dataclass(frozen=True)
 class EpochReport:
     epoch: int
@@ -108,7 +112,7 @@ def _train(
     history = []
     for epoch in range(1, train.epochs + 1):
         classifier.train()
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
         order = torch.randperm(len(train_set), generator=generator)
         for start in range(0, len(order), train.batch_size):
             index = order[start : start + train.batch_size]
@@ -125,9 +129,15 @@ def _train(
                 torch.nn.utils.clip_grad_norm_(classifier.parameters(), train.grad_clip)
             optimizer.step()
             schedule.step()
-            loss_sum += float(loss.detach()) * len(index)
+            loss_sum += loss.detach() * len(index)
+        train_loss = float(loss_sum) / len(order)
+        if not math.isfinite(train_loss):
+            raise TrainingDivergedError(
+                f"training loss became {train_loss} in epoch {epoch} (lr {train.lr:g}); "
+                "lower the learning rate or enable gradient clipping"
+            )
         held = evaluate(classifier, heldout, preprocess, batch_size=train.eval_batch_size, device=device)
-        report = EpochReport(epoch, loss_sum / len(order), held.accuracy, held.loss)
+        report = EpochReport(epoch, train_loss, held.accuracy, held.loss)
         history.append(report)
         if on_epoch is not None:
             on_epoch(report)

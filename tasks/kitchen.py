@@ -175,7 +175,9 @@ def register_candidates(
     """Each promotable model (soups, best single, best WiSE-FT) as a version of the registered model
     ``<experiment>``; a model whose weights are already registered (same sha256) keeps its version."""
     client = client_for(config.tracking)
-    existing = {v.tags.get("sha256"): str(v.version) for v in client.search_model_versions(f"name='{config.experiment}'")}
+    existing = {
+        v.tags.get("sha256"): str(v.version) for v in client.search_model_versions(f"name='{config.experiment}'")
+    }
     versions_by_name = {r.name: r.version for r in refs}
     setup = kitchen_setup(config, pretrained, workdir)
     registered = []

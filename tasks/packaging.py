@@ -3,6 +3,8 @@ a signature, explicit pip requirements and the ``soups`` package as code; nothin
 
 from __future__ import annotations
 
+import shutil
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import numpy as np
 
 from soups.config import PipelineConfig
 from soups.kitchen import KitchenSetup
-from soups.serving import ClassifierSpec, write_spec
+from soups.serving import WEIGHTS_FILE, ClassifierSpec, write_spec
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 SOUPS_PACKAGE = Path(__file__).resolve().parent.parent / "soups"
@@ -28,22 +30,26 @@ def log_classifier_model(config: PipelineConfig, run_id: str, checkpoint: Path, 
     from mlflow.types import Schema, TensorSpec
 
     folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / WEIGHTS_FILE
+    shutil.copyfile(checkpoint, weights)
     bundle_classes = setup.kitchen.module.num_classes
     size = setup.evaluator.preprocess.size
     spec = ClassifierSpec(config.model.name, _classnames(config, bundle_classes), setup.evaluator.preprocess)
     spec_path = write_spec(spec, folder)
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, bundle_classes), "probabilities")]),
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, bundle_classes))]),
     )
     uri = config.tracking.resolved_mlflow_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # The signature is explicit and an input example would cost a prediction per logged model.
+        warnings.filterwarnings("ignore", message=".*(input example|type hints).*")
         return mlflow.pyfunc.log_model(
             name="classifier",
             python_model=str(MODEL_CODE),
-            artifacts={"weights": str(checkpoint), "spec": str(spec_path)},
+            artifacts={"weights": str(weights), "spec": str(spec_path)},
             code_paths=[str(SOUPS_PACKAGE)],
             pip_requirements=pip_requirements(),
             signature=signature,

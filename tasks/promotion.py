@@ -39,10 +39,12 @@ def promote(
     workdir: Path,
 ) -> PromotionDecision:
     metric = config.kitchen.promotion_metric
-    best = max(candidates, key=lambda c: c.scores[metric])
     client = client_for(config.tracking)
     name = config.experiment
     champion = _alias(client, name, CHAMPION)
+    reigning = str(champion.version) if champion else None
+    # On a tie the reigning champion wins, so promoting the same candidates twice changes nothing.
+    best = max(candidates, key=lambda c: (c.scores[metric], c.version == reigning))
     champion_score = None
     if champion is None:
         outcome = "champion (first)"
@@ -78,8 +80,8 @@ def _alias(client, name: str, alias: str):
         return None
 
 
-def rescore(config: PipelineConfig, version: str, metric: str, pretrained: str | None, workdir: Path) -> float:
-    """Score a registered version on today's data with the same evaluator as the candidates."""
+def download_weights(config: PipelineConfig, version: str, workdir: Path) -> Path:
+    """The safetensors weights of a registered version, fetched locally (never unpickled)."""
     import mlflow
 
     mlflow.set_tracking_uri(config.tracking.resolved_mlflow_uri())
@@ -87,9 +89,14 @@ def rescore(config: PipelineConfig, version: str, metric: str, pretrained: str |
     local = mlflow.artifacts.download_artifacts(f"models:/{config.experiment}/{version}", dst_path=str(folder))
     weights = next(Path(local).rglob(WEIGHTS_FILE), None)
     if weights is None:
-        raise FileNotFoundError(f"version {version} of {config.experiment} has no {WEIGHTS_FILE}; cannot re-score it")
-    report = kitchen_setup(config, pretrained, workdir).evaluator.report(load_state_dict(weights))
-    return report[metric]
+        raise FileNotFoundError(f"version {version} of {config.experiment} has no {WEIGHTS_FILE}; cannot score it")
+    return weights
+
+
+def rescore(config: PipelineConfig, version: str, metric: str, pretrained: str | None, workdir: Path) -> float:
+    """Score a registered version on today's data with the same evaluator as the candidates."""
+    weights = download_weights(config, version, workdir)
+    return kitchen_setup(config, pretrained, workdir).evaluator.report(load_state_dict(weights))[metric]
 
 
 def _log(client, run_id: str, decision: PromotionDecision, name: str) -> None:

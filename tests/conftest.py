@@ -26,3 +26,13 @@ def pretrained_checkpoint(tmp_path_factory) -> Path:
     result = pretrain_with(PretrainConfig(), "soups-vit-tiny", load_dataset(DataConfig()), out)
     assert result.zero_shot_accuracy > 0.3, f"pretraining failed to get above chance: {result.zero_shot_accuracy}"
     return result.checkpoint
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server for the whole test session (it takes ~20 s to start)."""
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -1,0 +1,171 @@
+"""Fine-tuning and evaluation throughput, and what decoding a split once saves, measured in one run.
+
+1. Fine-tuning: `soups.train.finetune` from random init (model.pretrained null, so no pretraining), default
+   FinetuneConfig otherwise. Reports finetune()'s own ``train_images_per_second`` (training loop plus the
+   per-epoch held-out evaluation) and images/s over the wall time of the whole call (model build, zero-shot
+   evaluation, saving; the first run also decodes the splits). Best of ``--repeats`` runs.
+2. Evaluation on the held-out split from the cached decoded uint8 tensors (`decoded_split` + `evaluate`).
+3. The same evaluation as a naive loop would do it: read every PIL image of the dataset, apply the model's
+   eval transform (`Preprocess.decode_transform()` + normalise), batch, forward; accuracy must match (2).
+   The speed-up of (2) over (3) is printed per evaluation and for ``--candidates`` models, where the cached
+   path pays one decode of the split up front.
+
+``--gpu-compare`` (CUDA only; on CPU it says so and exits 0) times a local training loop that mirrors
+train.py's step (channels-last, pinned memory, AdamW, cosine schedule, grad clipping, cross-entropy; the
+default config has no mixup or RandAugment) with bf16 autocast on and off; same loop for both, so only the
+autocast differs. One warm-up epoch is excluded from each timing.
+
+    .venv/bin/python benchmarks/train.py [--model soups-vit-tiny] [--device auto] [--repeats 3] [--gpu-compare]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from soups.config import FinetuneConfig, ModelConfig, TrainConfig
+from soups.evaluate import Preprocess, bundle_for, decode, decoded_split, evaluate, split_of
+from soups.runtime import resolve_device, use_cores
+from soups.train import finetune, warmup_cosine, zero_shot_classifier
+
+
+def best_of(repeats: int, run) -> float:
+    """Fewest seconds of ``repeats`` calls (the machine is shared; the minimum is the least disturbed)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+@torch.inference_mode()
+def naive_evaluate(model, dataset, preprocess: Preprocess, batch_size: int, device: torch.device) -> float:
+    """Decode-per-evaluation baseline: PIL image -> eval transform -> normalise -> batch -> forward."""
+    transform = preprocess.decode_transform()
+    model.eval()
+    correct = 0
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images = torch.stack([transform(image.convert("RGB")) for image, _ in items])
+        labels = torch.tensor([int(label) for _, label in items], device=device)
+        images = preprocess.normalize(images.to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(images)
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+    return correct / len(dataset)
+
+
+def train_images_per_second(config: FinetuneConfig, device: torch.device, autocast: bool) -> float:
+    """train.py's step in a local loop with autocast on or off; images/s after one warm-up epoch."""
+    train = config.train
+    torch.manual_seed(train.seed)
+    classifier = zero_shot_classifier(config, device).to(memory_format=torch.channels_last)
+    preprocess = Preprocess.of(classifier)
+    data = decoded_split(config.data, "train", preprocess)
+    images, labels = data.images.pin_memory(), data.labels.pin_memory()
+    steps = math.ceil(len(data) / train.batch_size) * (train.epochs + 1)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, steps))
+    generator = torch.Generator().manual_seed(train.seed)
+    classifier.train()
+    started = 0.0
+    for epoch in range(train.epochs + 1):
+        if epoch == 1:
+            torch.cuda.synchronize(device)
+            started = time.perf_counter()
+        order = torch.randperm(len(data), generator=generator)
+        for start in range(0, len(order), train.batch_size):
+            index = order[start : start + train.batch_size]
+            batch = preprocess.normalize(images[index].to(device, non_blocking=True))
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                logits = classifier(batch).float()
+            loss = F.cross_entropy(logits, labels[index].to(device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(classifier.parameters(), train.grad_clip)
+            optimizer.step()
+            schedule.step()
+    torch.cuda.synchronize(device)
+    return len(data) * train.epochs / (time.perf_counter() - started)
+
+
+def gpu_compare(config: FinetuneConfig, device: torch.device, repeats: int) -> None:
+    if device.type != "cuda":
+        print("--gpu-compare needs CUDA (bf16 autocast is only used there); nothing to compare on CPU")
+        return
+    print(f"GPU: {torch.cuda.get_device_name(device)}; TF32 matmul allowed: {torch.backends.cuda.matmul.allow_tf32}")
+    fp32 = max(train_images_per_second(config, device, autocast=False) for _ in range(repeats))
+    bf16 = max(train_images_per_second(config, device, autocast=True) for _ in range(repeats))
+    print(f"fine-tuning, autocast off (fp32): {fp32:9.1f} images/s")
+    print(f"fine-tuning, autocast bf16:       {bf16:9.1f} images/s  ({bf16 / fp32:.2f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="soups-vit-tiny", help="open_clip architecture (random init)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement, best kept (default 3)")
+    parser.add_argument("--candidates", type=int, default=5, help="models evaluated on one split (default 5)")
+    parser.add_argument("--gpu-compare", action="store_true", help="CUDA only: fine-tuning with vs without bf16")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    config = FinetuneConfig(
+        model=ModelConfig(name=args.model, pretrained=None), train=TrainConfig(epochs=args.epochs, device=str(device))
+    )
+    threads = use_cores(config.train.threads)
+    autocast = "on (bf16, CUDA)" if device.type == "cuda" else "off (train.py autocasts on CUDA only)"
+    print(f"model {args.model} (random init), digits, device {device}, {threads} CPU threads, autocast {autocast}")
+    if args.gpu_compare:
+        gpu_compare(config, device, args.repeats)
+        return
+
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="soups-bench-") as tmp:
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            result = finetune(config, Path(tmp) / "ingredient.safetensors")
+            runs.append((time.perf_counter() - started, result.metrics))
+    seen = round(runs[0][1]["train_images_per_second"] * runs[0][1]["train_seconds"])  # train images x epochs
+    wall = min(seconds for seconds, _ in runs)
+    loop = max(metrics["train_images_per_second"] for _, metrics in runs)
+    print(f"fine-tuning, {args.epochs} epochs of {seen // args.epochs} images (best of {args.repeats}):")
+    print(f"  train_images_per_second (loop + per-epoch eval): {loop:9.1f} images/s")
+    print(f"  whole finetune() call ({wall:.2f}s):               {seen / wall:9.1f} images/s")
+
+    classifier = zero_shot_classifier(config, device)
+    preprocess = Preprocess.of(classifier)
+    heldout = decoded_split(config.data, "heldout", preprocess)
+    dataset = split_of(bundle_for(config.data), "heldout")
+    batch = config.train.eval_batch_size
+    cached_acc = evaluate(classifier, heldout, preprocess, batch_size=batch, device=device).accuracy
+    naive_acc = naive_evaluate(classifier, dataset, preprocess, batch, device)
+    if abs(cached_acc - naive_acc) > 1 / len(heldout):
+        raise SystemExit(f"accuracy differs: cached {cached_acc:.4f} vs decode-per-evaluation {naive_acc:.4f}")
+    cached = best_of(args.repeats, lambda: evaluate(classifier, heldout, preprocess, batch_size=batch, device=device))
+    naive = best_of(args.repeats, lambda: naive_evaluate(classifier, dataset, preprocess, batch, device))
+    decode_once = best_of(args.repeats, lambda: decode(dataset, preprocess))
+    n, k = len(heldout), args.candidates
+    print(f"evaluation on held-out ({n} images, batch {batch}, best of {args.repeats}; accuracy {cached_acc:.3f}):")
+    print(f"  cached decoded tensors:  {n / cached:9.1f} images/s  ({cached * 1e3:.1f} ms)")
+    print(f"  decode per evaluation:   {n / naive:9.1f} images/s  ({naive * 1e3:.1f} ms)")
+    print(f"  decoding the split once: {decode_once * 1e3:.1f} ms")
+    print(f"  speed-up per evaluation: {naive / cached:.2f}x")
+    print(
+        f"  speed-up for {k} candidates (cached pays one decode): "
+        f"{k * naive / (decode_once + k * cached):.2f}x  ({k * naive:.3f}s vs {decode_once + k * cached:.3f}s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The platform end to end on a tiny config: real Prefect server, MLflow (sqlite) and Optuna (sqlite)."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from flows.pipeline import pipeline_flow
+from flows.promote import promote_flow
+from flows.sweep import sweep_flow
+from soups.config import PipelineConfig, load_config
+from soups.evaluate import Preprocess, decoded_split
+from soups.models import empty_classifier
+
+EXPERIMENT = "test-soups"
+RECIPES = ["best", "uniform", "greedy", "learned", "learned_by_layer", "ensemble", "wise_ft"]
+
+
+def _config(root, **overrides) -> PipelineConfig:
+    settings = {
+        "experiment": EXPERIMENT,
+        "tracking.root": str(root),
+        "sweep.n_trials": 3,
+        "sweep.sampler": "random",
+        "sweep.seed": 1,
+        "space": {"lr": {"kind": "loguniform", "low": 3e-4, "high": 1e-3},
+                  "epochs": {"kind": "int", "low": 1, "high": 2},
+                  "label_smoothing": {"kind": "uniform", "low": 0.0, "high": 0.2, "or_zero": True}},
+        "kitchen.learned_epochs": 1,
+        "kitchen.wise_ft_alphas": [0.0, 0.5, 1.0],
+        **overrides,
+    }
+    return load_config(None, settings)
+
+
+def _client(config: PipelineConfig) -> MlflowClient:
+    uri = config.tracking.resolved_mlflow_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _versions(client: MlflowClient, name: str, study: str) -> list:
+    return [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("study") == study]
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_server, tmp_path_factory):
+    config = _config(tmp_path_factory.mktemp("platform"))
+    return config, pipeline_flow(config)
+
+
+def test_every_finished_trial_is_one_registered_ingredient(first_run):
+    config, result = first_run
+    finished = result["sweep"]["finished"]
+    assert len(finished) == 3 and not result["sweep"]["failed"]
+    versions = _versions(_client(config), f"{EXPERIMENT}-ingredients", config.study_name)
+    assert len(versions) == len(finished)
+    for version in versions:
+        assert {"study", "trial_number", "heldout_accuracy", "sha256"} <= set(version.tags)
+        assert len(version.tags["sha256"]) == 64
+    assert sorted(int(v.tags["trial_number"]) for v in versions) == [0, 1, 2]
+    study = optuna.load_study(study_name=config.study_name, storage=config.tracking.resolved_optuna_storage())
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    run = _client(config).get_run(finished[0]["run_id"])
+    assert run.data.params["train.lr"] and "heldout_accuracy" in run.data.metrics
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == "digits-train"
+    assert run.data.tags["mlflow.parentRunId"] == result["sweep"]["parent_run_id"]
+
+
+def test_leaderboard_has_every_recipe_and_greedy_is_not_worse_than_the_best_ingredient(first_run):
+    _, result = first_run
+    board = result["kitchen"]["leaderboard"]
+    assert {row["recipe"] for row in board} >= {*RECIPES, "ingredient"}
+    assert {"heldout", "test", "rotate", "noise", "blur", "invert", "shift_mean", "ingredients"} <= set(board[0])
+    greedy = next(r for r in board if r["recipe"] == "greedy")
+    best_ingredient = max(r["heldout"] for r in board if r["recipe"] == "ingredient")
+    assert greedy["heldout"] >= best_ingredient
+    assert next(r for r in board if r["recipe"] == "uniform")["ingredients"] == 3
+
+
+def test_soups_are_registered_with_lineage_and_the_champion_predicts(first_run):
+    config, result = first_run
+    client = _client(config)
+    soups = _versions(client, EXPERIMENT, config.study_name)
+    assert {v.tags["recipe"] for v in soups} >= {"uniform", "greedy", "learned", "learned_by_layer", "best", "wise_ft"}
+    ingredient_versions = {str(v.version) for v in _versions(client, f"{EXPERIMENT}-ingredients", config.study_name)}
+    uniform = next(v for v in soups if v.tags["recipe"] == "uniform")
+    assert set(uniform.tags["ingredient_versions"].split(",")) == ingredient_versions
+    learned = next(v for v in soups if v.tags["recipe"] == "learned")
+    assert len(json.loads(learned.tags["coefficients"])) == 3
+
+    champion = client.get_model_version_by_alias(EXPERIMENT, "champion")
+    assert str(champion.version) == result["kitchen"]["promotion"]["candidate_version"]
+    mlflow.set_tracking_uri(config.tracking.resolved_mlflow_uri())
+    model = mlflow.pyfunc.load_model(f"models:/{EXPERIMENT}@champion")
+    preprocess = Preprocess.of(empty_classifier(config.model.name, 10))
+    images = decoded_split(config.data, "test", preprocess).images[:8].permute(0, 2, 3, 1).numpy()
+    probabilities = model.predict(images)
+    assert probabilities.shape == (8, 10)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_promotion_is_idempotent(first_run):
+    config, _ = first_run
+    client = _client(config)
+    before = client.get_model_version_by_alias(EXPERIMENT, "champion").version
+    decision = promote_flow(config)
+    assert "unchanged" in decision["outcome"]
+    assert client.get_model_version_by_alias(EXPERIMENT, "champion").version == before
+
+
+def test_a_worse_run_leaves_the_champion_and_sets_a_challenger(first_run):
+    config, _ = first_run
+    client = _client(config)
+    champion = client.get_model_version_by_alias(EXPERIMENT, "champion").version
+    worse = _config(config.tracking.root, **{
+        "sweep.study_name": "barely-trained", "sweep.n_trials": 2,
+        "space": {"lr": {"kind": "loguniform", "low": 1e-9, "high": 2e-9},
+                  "epochs": {"kind": "int", "low": 1, "high": 1}},
+    })
+    result = pipeline_flow(worse)
+    assert result["kitchen"]["promotion"]["outcome"].startswith("challenger")
+    assert client.get_model_version_by_alias(EXPERIMENT, "champion").version == champion
+    challenger = client.get_model_version_by_alias(EXPERIMENT, "challenger")
+    assert challenger.tags["study"] == "barely-trained"
+
+
+def test_rerunning_the_sweep_continues_the_study(first_run):
+    config, _ = first_run
+    resumed = config.model_copy(update={"sweep": config.sweep.model_copy(update={"n_trials": 1})})
+    result = sweep_flow(resumed, first_run[1]["pretrained"])
+    assert [t["number"] for t in result["finished"]] == [3]
+    study = optuna.load_study(study_name=config.study_name, storage=config.tracking.resolved_optuna_storage())
+    assert len(study.trials) == 4
+
+
+def test_a_failing_trial_is_recorded_failed_and_registers_nothing(first_run):
+    config, _ = first_run
+    diverging = _config(config.tracking.root, **{
+        "sweep.study_name": "diverging", "sweep.seed": 0,  # random sampler, seed 0: lr 1e6, 3e-4, 1e6
+        "space": {"lr": {"kind": "categorical", "choices": [3e-4, 1e6]},
+                  "epochs": {"kind": "int", "low": 1, "high": 1}},
+    })
+    result = sweep_flow(diverging, first_run[1]["pretrained"])
+    assert len(result["finished"]) == 1 and sorted(result["failed"]) == [0, 2]
+    assert all("TrainingDivergedError" in reason for reason in result["failed"].values())
+    study = optuna.load_study(study_name="diverging", storage=config.tracking.resolved_optuna_storage())
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL]
+    assert "TrainingDivergedError" in study.trials[0].user_attrs["fail_reason"]
+    client = _client(config)
+    registered = _versions(client, f"{EXPERIMENT}-ingredients", "diverging")
+    assert [v.tags["trial_number"] for v in registered] == ["1"]
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], "tags.study = 'diverging' and tags.kind = 'ingredient'")
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert len(failed) == 2 and all("TrainingDivergedError" in r.data.tags["failure_reason"] for r in failed)

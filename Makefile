@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/python benchmarks/cook.py --n 4 --size-mb 16 --repeats 1
+	$(VENV)/bin/soups run
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

@@ -12,6 +12,7 @@ registered with open_clip on first use. ``soups-vit-tiny`` (the default) and ``s
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -237,6 +238,22 @@ def _from_tag(model_name: str, tag: str, device: str) -> tuple[nn.Module, Any, A
         ) from err
 
 
+@contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """open_clip warns on the root logger whenever no weights are given; here that is the intent (random init,
+    or a shell about to receive a checkpoint), so the warning would only mislead."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def create_clip(
     model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Transform, Transform, str]:
@@ -249,7 +266,8 @@ def create_clip(
     model_config(model_name)
     device = str(device)
     if not pretrained:
-        model, train_tf, eval_tf = open_clip.create_model_and_transforms(model_name, device=device)
+        with _quiet_random_init():
+            model, train_tf, eval_tf = open_clip.create_model_and_transforms(model_name, device=device)
         return model, train_tf, eval_tf, model_name
     if pretrained.startswith(LOCAL_DIR_PREFIX):
         return _from_local_dir(model_name, pretrained, device)

@@ -46,6 +46,7 @@ class TrialOutcome(BaseModel):
     checkpoint: Path
     train_function_seconds: float
     task_seconds: float
+    orchestration_seconds: float | None = None
 
 
 @task(name="train-ingredient", task_run_name="trial-{ref.number}", retries=0)

@@ -43,8 +43,10 @@ def promote(
     name = config.experiment
     champion = _alias(client, name, CHAMPION)
     reigning = str(champion.version) if champion else None
-    # On a tie the reigning champion wins, so promoting the same candidates twice changes nothing.
-    best = max(candidates, key=lambda c: (c.scores[metric], c.version == reigning))
+    # Ties: the reigning champion wins (promoting the same candidates twice changes nothing), then the
+    # candidate that is better on the other metric (a soup that matches held-out but is more robust).
+    other = "shift_mean" if metric == "heldout" else "heldout"
+    best = max(candidates, key=lambda c: (c.scores[metric], c.version == reigning, c.scores.get(other, 0.0)))
     champion_score = None
     if champion is None:
         outcome = "champion (first)"

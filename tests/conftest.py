@@ -1,18 +1,26 @@
-"""Keep every test's files inside pytest's temporary folders, never in the user's home."""
+"""Keep every test's files inside temporary folders, never in the user's home, and keep tests offline."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
+
+import pytest
 
 _HOME = tempfile.mkdtemp(prefix="soups-tests-home-")
-os.environ.__setitem__("PREFECT_HOME", os.path.join(_HOME, "prefect"))
-os.environ.__setitem__("MPLCONFIGDIR", os.path.join(_HOME, "matplotlib"))
-os.environ.__setitem__("HF_HUB_OFFLINE", "1")
-
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
+for _variable, _folder in {
+    "PREFECT_HOME": "prefect",
+    "MPLCONFIGDIR": "matplotlib",
+    "HF_HOME": "huggingface",
+    "TORCH_HOME": "torch",
+    "XDG_CACHE_HOME": "cache",
+    "XDG_CONFIG_HOME": "config",
+}.items():
+    os.environ[_variable] = os.path.join(_HOME, _folder)
+os.environ.update(HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests pass their own sqlite URIs, never a user's server
+os.environ.pop("PREFECT_API_URL", None)  # and use the harness's temporary Prefect server
 
 
 @pytest.fixture(scope="session")

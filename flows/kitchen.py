@@ -15,7 +15,7 @@ from tasks.kitchen import (
 )
 from tasks.pretraining import resolve_pretrained
 from tasks.promotion import promote
-from tasks.tracking import client_for, ensure_experiment
+from tasks.tracking import client_for, ensure_experiment, tracked_run
 
 
 @flow(name="kitchen", log_prints=True)
@@ -23,20 +23,17 @@ def kitchen_flow(config: PipelineConfig, pretrained: str | None = None) -> dict:
     pretrained = pretrained or resolve_pretrained(config)
     experiment_id = ensure_experiment(config)
     client = client_for(config.tracking)
-    run = client.create_run(
-        experiment_id, run_name=f"kitchen-{config.study_name}", tags={"kind": "kitchen", "study": config.study_name}
-    )
-    run_id = run.info.run_id
-    workdir = (config.tracking.root / "kitchen" / run_id).resolve()
-    refs = gather_ingredients(config, workdir / "ingredients")
-    client.log_param(run_id, "ingredient_versions", ",".join(r.version for r in refs))
-    candidates = score_ingredients_task(config, refs, pretrained, workdir)
-    for recipe in config.kitchen.recipes:
-        candidates += cook_task(config, recipe, refs, pretrained, workdir)
-    board = log_kitchen_report(config, run_id, candidates, workdir)
-    registered = register_candidates(config, experiment_id, run_id, candidates, refs, pretrained, workdir)
-    decision = promote(config, run_id, registered, pretrained, workdir)
-    client.set_terminated(run_id, "FINISHED")
+    tags = {"kind": "kitchen", "study": config.study_name}
+    with tracked_run(client, experiment_id, f"kitchen-{config.study_name}", tags) as run_id:
+        workdir = (config.tracking.root / "kitchen" / run_id).resolve()
+        refs = gather_ingredients(config, workdir / "ingredients")
+        client.log_param(run_id, "ingredient_versions", ",".join(r.version for r in refs))
+        candidates = score_ingredients_task(config, refs, pretrained, workdir)
+        for recipe in config.kitchen.recipes:
+            candidates += cook_task(config, recipe, refs, pretrained, workdir)
+        board = log_kitchen_report(config, run_id, candidates, workdir)
+        registered = register_candidates(config, experiment_id, run_id, candidates, refs, pretrained, workdir)
+        decision = promote(config, run_id, registered, pretrained, workdir)
     return {
         "run_id": run_id,
         "leaderboard": board,

@@ -9,7 +9,7 @@ from soups.config import PipelineConfig
 from tasks.kitchen import RegisteredCandidate, kitchen_setup
 from tasks.pretraining import resolve_pretrained
 from tasks.promotion import download_weights, promote
-from tasks.tracking import client_for, ensure_experiment
+from tasks.tracking import client_for, ensure_experiment, tracked_run
 
 
 @flow(name="promote", log_prints=True)
@@ -17,8 +17,6 @@ def promote_flow(config: PipelineConfig, pretrained: str | None = None) -> dict:
     pretrained = pretrained or resolve_pretrained(config)
     experiment_id = ensure_experiment(config)
     client = client_for(config.tracking)
-    run = client.create_run(experiment_id, run_name=f"promote-{config.study_name}", tags={"kind": "promotion"})
-    workdir = (config.tracking.root / "promote" / run.info.run_id).resolve()
     versions = [
         v
         for v in client.search_model_versions(f"name='{config.experiment}'")
@@ -26,19 +24,15 @@ def promote_flow(config: PipelineConfig, pretrained: str | None = None) -> dict:
     ]
     if not versions:
         raise ValueError(f"no soups of study {config.study_name!r} in {config.experiment}; run the kitchen first")
-    evaluator = kitchen_setup(config, pretrained, workdir).evaluator
-    candidates = []
-    for version in versions:
-        weights = download_weights(config, str(version.version), workdir)
-        scores = evaluator.report(load_state_dict(weights))
-        candidates.append(
-            RegisteredCandidate(
-                name=version.tags.get("recipe", "?"),
-                recipe=version.tags.get("recipe", "?"),
-                version=str(version.version),
-                scores=scores,
+    with tracked_run(client, experiment_id, f"promote-{config.study_name}", {"kind": "promotion"}) as run_id:
+        workdir = (config.tracking.root / "promote" / run_id).resolve()
+        evaluator = kitchen_setup(config, pretrained, workdir).evaluator
+        candidates = []
+        for version in versions:
+            scores = evaluator.report(load_state_dict(download_weights(config, str(version.version), workdir)))
+            recipe = version.tags.get("recipe", "unknown")
+            candidates.append(
+                RegisteredCandidate(name=recipe, recipe=recipe, version=str(version.version), scores=scores)
             )
-        )
-    decision = promote(config, run.info.run_id, candidates, pretrained, workdir)
-    client.set_terminated(run.info.run_id, "FINISHED")
+        decision = promote(config, run_id, candidates, pretrained, workdir)
     return decision.model_dump()

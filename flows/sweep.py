@@ -15,7 +15,7 @@ from soups.config import PipelineConfig
 from soups.runtime import available_cores
 from tasks.ingredients import TrialOutcome, TrialRef, train_ingredient
 from tasks.studies import open_study, sample_params
-from tasks.tracking import client_for, ensure_experiment
+from tasks.tracking import client_for, ensure_experiment, tracked_run
 
 _POLL_SECONDS = 0.05
 
@@ -26,60 +26,73 @@ def sweep_flow(config: PipelineConfig, pretrained: str | None = None) -> dict:
     experiment_id = ensure_experiment(config)
     study = open_study(config)
     client = client_for(config.tracking)
-    parent = client.create_run(
-        experiment_id, run_name=f"sweep-{config.study_name}", tags={"kind": "sweep", "study": config.study_name}
-    )
-    checkpoint_dir = (config.tracking.root / "checkpoints").resolve()
+    tags = {"kind": "sweep", "study": config.study_name}
+    with tracked_run(client, experiment_id, f"sweep-{config.study_name}", tags) as parent_run_id:
+        outcomes, failures = _run_trials(config, study, experiment_id, parent_run_id, pretrained)
+        _log_summary(client, parent_run_id, outcomes, failures)
+    return {
+        "parent_run_id": parent_run_id,
+        "finished": [o.model_dump(mode="json") for o in outcomes],
+        "failed": failures,
+    }
+
+
+def _run_trials(
+    config: PipelineConfig, study: optuna.Study, experiment_id: str, parent_run_id: str, pretrained: str | None
+) -> tuple[list[TrialOutcome], dict[int, str]]:
+    """Ask, submit up to ``parallel`` trial tasks, tell each as it ends. Trials still running when the flow
+    is interrupted are told FAIL, so the study never keeps RUNNING ghosts."""
     parallel = config.sweep.parallel
     threads = max(1, available_cores() // parallel)
     base = config.model_copy(update={"train": config.train.model_copy(update={"threads": threads})})
+    checkpoint_dir = (config.tracking.root / "checkpoints").resolve()
     progress = create_progress_artifact(0.0, description=f"trials of study {config.study_name}")
-
     in_flight: dict[PrefectFuture, optuna.Trial] = {}
     submitted: dict[int, float] = {}
     outcomes: list[TrialOutcome] = []
     failures: dict[int, str] = {}
     asked = 0
-    while asked < config.sweep.n_trials or in_flight:
-        while asked < config.sweep.n_trials and len(in_flight) < parallel:
-            trial = study.ask()
-            params = sample_params(trial, config.space)
-            ref = TrialRef(
-                study_name=config.study_name,
-                storage=config.tracking.resolved_optuna_storage(),
-                trial_id=trial._trial_id,
-                number=trial.number,
-                experiment_id=experiment_id,
-                parent_run_id=parent.info.run_id,
-                checkpoint_dir=checkpoint_dir,
-            )
-            submitted[trial.number] = time.perf_counter()
-            in_flight[train_ingredient.submit(base, ref, params, pretrained)] = trial
-            asked += 1
-        for future in _finished(in_flight):
-            trial = in_flight.pop(future)
-            wall = time.perf_counter() - submitted[trial.number]
-            _tell(study, trial, future, outcomes, failures, wall)
-            done = len(outcomes) + len(failures)
-            update_progress_artifact(progress, 100.0 * done / config.sweep.n_trials)
-            print(f"trials done {done}/{config.sweep.n_trials} ({len(failures)} failed or pruned)")
+    try:
+        while asked < config.sweep.n_trials or in_flight:
+            while asked < config.sweep.n_trials and len(in_flight) < parallel:
+                trial = study.ask()
+                params = sample_params(trial, config.space)
+                ref = TrialRef(
+                    study_name=config.study_name,
+                    storage=config.tracking.resolved_optuna_storage(),
+                    trial_id=trial._trial_id,
+                    number=trial.number,
+                    experiment_id=experiment_id,
+                    parent_run_id=parent_run_id,
+                    checkpoint_dir=checkpoint_dir,
+                )
+                submitted[trial.number] = time.perf_counter()
+                in_flight[train_ingredient.submit(base, ref, params, pretrained)] = trial
+                asked += 1
+            for future in _finished(in_flight):
+                trial = in_flight.pop(future)
+                _tell(study, trial, future, outcomes, failures, time.perf_counter() - submitted[trial.number])
+                done = len(outcomes) + len(failures)
+                update_progress_artifact(progress, 100.0 * done / config.sweep.n_trials)
+                print(f"trials done {done}/{config.sweep.n_trials} ({len(failures)} failed or pruned)")
+    finally:
+        for trial in in_flight.values():
+            study.tell(trial, state=TrialState.FAIL)
+    return outcomes, failures
 
-    client.log_metric(parent.info.run_id, "finished_trials", len(outcomes))
-    client.log_metric(parent.info.run_id, "failed_trials", len(failures))
-    if outcomes:
-        client.log_metric(parent.info.run_id, "best_heldout_accuracy", max(o.value for o in outcomes))
-        overheads = [o.orchestration_seconds for o in outcomes]
-        client.log_metric(parent.info.run_id, "orchestration_seconds_per_trial", sum(overheads) / len(overheads))
-        print(
-            f"orchestration overhead per trial: mean {sum(overheads) / len(overheads):.2f}s "
-            f"(trial wall time in the flow minus time inside finetune())"
-        )
-    client.set_terminated(parent.info.run_id, "FINISHED")
-    return {
-        "parent_run_id": parent.info.run_id,
-        "finished": [o.model_dump(mode="json") for o in outcomes],
-        "failed": failures,
-    }
+
+def _log_summary(client, run_id: str, outcomes: list[TrialOutcome], failures: dict[int, str]) -> None:
+    client.log_metric(run_id, "finished_trials", len(outcomes))
+    client.log_metric(run_id, "failed_trials", len(failures))
+    if not outcomes:
+        return
+    client.log_metric(run_id, "best_heldout_accuracy", max(o.value for o in outcomes))
+    overhead = sum(o.orchestration_seconds for o in outcomes) / len(outcomes)
+    client.log_metric(run_id, "orchestration_seconds_per_trial", overhead)
+    print(
+        f"orchestration overhead per trial: mean {overhead:.2f}s "
+        "(trial wall time in the flow minus time inside finetune())"
+    )
 
 
 def _finished(in_flight: dict[PrefectFuture, object]) -> list[PrefectFuture]:

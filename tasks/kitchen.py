@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from soups.checkpoint import Ingredient
 from soups.config import PipelineConfig
 from soups.kitchen import Candidate, KitchenSetup, cook_recipe, prepare, score_ingredients
-from tasks.tracking import client_for, ingredients_model_name, local_artifact, sha256_of
+from tasks.tracking import PARENT_RUN_TAG, client_for, ingredients_model_name, local_artifact, sha256_of, tracked_run
 
 
 class IngredientRef(BaseModel):
@@ -185,17 +185,14 @@ def register_candidates(
         digest = sha256_of(candidate.checkpoint)
         version = existing.get(digest)
         if version is None:
-            version = _log_and_register(config, experiment_id, kitchen_run_id, candidate, setup, workdir)
-            tags = {
+            lineage = {
                 "recipe": candidate.recipe,
                 "sha256": digest,
                 "study": config.study_name,
                 "ingredient_versions": ",".join(versions_by_name.get(n, n) for n in candidate.ingredients),
                 "heldout": f"{candidate.scores['heldout']:.6f}",
-                "coefficients": json.dumps(candidate.details.get("coefficients", ""))[:4900],
             }
-            for key, value in tags.items():
-                client.set_model_version_tag(config.experiment, version, key, value)
+            version = _log_and_register(config, experiment_id, kitchen_run_id, candidate, setup, workdir, lineage)
             existing[digest] = version
         registered.append(
             RegisteredCandidate(name=candidate.name, recipe=candidate.recipe, version=version, scores=candidate.scores)
@@ -213,20 +210,37 @@ def promotable(candidates: list[Candidate]) -> list[Candidate]:
     return chosen
 
 
-def _log_and_register(config, experiment_id, kitchen_run_id, candidate: Candidate, setup: KitchenSetup, workdir) -> str:
+_TAG_LIMIT = 5000
+
+
+def _log_and_register(
+    config: PipelineConfig,
+    experiment_id: str,
+    kitchen_run_id: str,
+    candidate: Candidate,
+    setup: KitchenSetup,
+    workdir: Path,
+    lineage: dict[str, str],
+) -> str:
+    """One nested run per soup (scores, details.json, the pyfunc model) and a registry version whose tags
+    are set at creation, so a version never exists without its sha256 and lineage."""
     from tasks.packaging import log_classifier_model
 
     client = client_for(config.tracking)
-    run = client.create_run(
-        experiment_id,
-        run_name=candidate.name,
-        tags={"mlflow.parentRunId": kitchen_run_id, "kind": "soup", "recipe": candidate.recipe},
-    )
-    for key, value in candidate.scores.items():
-        client.log_metric(run.info.run_id, key, value)
-    info = log_classifier_model(config, run.info.run_id, candidate.checkpoint, setup, Path(workdir) / candidate.name)
-    version = client.create_model_version(
-        config.experiment, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id
-    )
-    client.set_terminated(run.info.run_id, "FINISHED")
+    tags = {PARENT_RUN_TAG: kitchen_run_id, "kind": "soup", "recipe": candidate.recipe}
+    with tracked_run(client, experiment_id, candidate.name, tags) as run_id:
+        for key, value in candidate.scores.items():
+            client.log_metric(run_id, key, value)
+        client.log_dict(run_id, {"ingredients": candidate.ingredients, **candidate.details}, "details.json")
+        coefficients = json.dumps(candidate.details.get("coefficients", ""))
+        if len(coefficients) > _TAG_LIMIT:
+            coefficients = f"per tensor, see details.json of run {run_id}"
+        info = log_classifier_model(config, run_id, candidate.checkpoint, setup, Path(workdir) / candidate.name)
+        version = client.create_model_version(
+            config.experiment,
+            source=info.model_uri,
+            run_id=run_id,
+            model_id=info.model_id,
+            tags={**lineage, "coefficients": coefficients},
+        )
     return str(version.version)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,15 @@ def local_artifact(client: MlflowClient, run_id: str, artifact_path: str, into: 
     """Download one artifact of a run (a no-op copy for local stores) and return its local path."""
     into.mkdir(parents=True, exist_ok=True)
     return Path(client.download_artifacts(run_id, artifact_path, str(into)))
+
+
+@contextmanager
+def tracked_run(client: MlflowClient, experiment_id: str, name: str, tags: Mapping[str, str]) -> Iterator[str]:
+    """An MLflow run that ends FINISHED, or FAILED when the block raises: never left RUNNING."""
+    run_id = client.create_run(experiment_id, run_name=name, tags=dict(tags)).info.run_id
+    try:
+        yield run_id
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")

@@ -98,3 +98,33 @@ def test_warmup_cosine_schedule():
     factor = warmup_cosine(10, 110)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(60) == pytest.approx(0.5) and factor(110) == pytest.approx(0.0)
+
+
+def test_finetune_and_evaluate_on_an_image_folder(pretrained_checkpoint, tmp_path):
+    """The real path: class folders of PNG files, a held-out 'val' split and a shift folder."""
+    from soups.config import DataConfig
+    from soups.data import load_dataset
+
+    digits = load_dataset(DataConfig())
+    root = tmp_path / "images"
+    splits = {"train": digits.train, "val": digits.heldout, "test": digits.test, "upside-down": digits.test}
+    for split, dataset in splits.items():
+        for index in range(min(len(dataset), 150)):
+            image, label = dataset[index]
+            if split == "upside-down":
+                image = image.rotate(180)
+            folder = root / split / digits.classnames[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"{index}.png")
+    config = FinetuneConfig.model_validate(
+        {"model": {"pretrained": str(pretrained_checkpoint)}, "data": {"name": "imagefolder", "root": str(root)},
+         "train": {"epochs": 2, "lr": 3e-4}}
+    )
+    result = finetune(config, tmp_path / "folder.safetensors")
+    assert result.metrics["heldout_accuracy"] > 0.5
+    classifier = zero_shot_classifier(config)
+    preprocess = Preprocess.of(classifier)
+    splits, shifts = evaluation_splits(config.data, preprocess)
+    assert shifts == ("upside-down",)
+    report = Evaluator(classifier, splits, preprocess, shifts=shifts).report(load_state_dict(result.checkpoint))
+    assert report["upside-down"] < report["test"], "rotating digits by 180 degrees should hurt"

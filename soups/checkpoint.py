@@ -70,17 +70,13 @@ def read_header(path: Path) -> dict[str, TensorSpec]:
     """Parse a safetensors header without reading tensor data, checking the file is long enough."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint not found: {path} (check the path, or that the run finished writing it)"
-        )
+        raise CheckpointError(f"checkpoint not found: {path} (check the path, or that the run finished writing it)")
     size = path.stat().st_size
     try:
         with path.open("rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise CheckpointError(
-                    f"{path}: file is {size} bytes, too short to be a safetensors checkpoint"
-                )
+                raise CheckpointError(f"{path}: file is {size} bytes, too short to be a safetensors checkpoint")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > min(_MAX_HEADER_BYTES, size - 8):
                 raise CheckpointError(
@@ -88,9 +84,7 @@ def read_header(path: Path) -> dict[str, TensorSpec]:
                 )
             raw = json.loads(f.read(header_len))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(
-            f"{path}: unreadable safetensors header ({err}); re-export the checkpoint"
-        ) from err
+        raise CheckpointError(f"{path}: unreadable safetensors header ({err}); re-export the checkpoint") from err
     raw.pop("__metadata__", None)
     specs: dict[str, TensorSpec] = {}
     data_end = 0
@@ -117,11 +111,7 @@ def check_compatible(paths: Sequence[Path]) -> dict[str, TensorSpec]:
         problems = _layout_differences(reference, read_header(Path(path)))
         if problems:
             shown = "; ".join(problems[:_MISMATCHES_SHOWN])
-            more = (
-                f" (and {len(problems) - _MISMATCHES_SHOWN} more)"
-                if len(problems) > _MISMATCHES_SHOWN
-                else ""
-            )
+            more = f" (and {len(problems) - _MISMATCHES_SHOWN} more)" if len(problems) > _MISMATCHES_SHOWN else ""
             raise IncompatibleCheckpointsError(
                 f"{path} is incompatible with {reference_path}: {shown}{more}. "
                 "Only checkpoints fine-tuned from the same architecture can be souped."
@@ -152,9 +142,7 @@ def iter_tensors(path: Path, keys: Sequence[str] | None = None) -> Iterator[tupl
             for key in keys if keys is not None else f.keys():
                 yield key, f.get_tensor(key)
     except SafetensorError as err:
-        raise CheckpointError(
-            f"{path}: cannot read tensors ({err}); the file is damaged, fetch it again"
-        ) from err
+        raise CheckpointError(f"{path}: cannot read tensors ({err}); the file is damaged, fetch it again") from err
 
 
 def load_state_dict(path: Path) -> StateDict:

@@ -68,10 +68,10 @@ def pretrain_command(args: argparse.Namespace) -> None:
     if config.pretrain is None or config.model.pretrained is not None:
         raise UsageError("this config fine-tunes from model.pretrained; set it to null and keep a pretrain section")
     from soups.evaluate import bundle_for
-    from soups.pretrain import pretrain_with
+    from soups.pretrain import pretrain
     from tasks.pretraining import pretrained_start
 
-    result = pretrain_with(config.pretrain, config.model.name, bundle_for(config.data), pretrained_start(config))
+    result = pretrain(config.pretrain, config.model.name, bundle_for(config.data), pretrained_start(config))
     print(f"zero-shot held-out accuracy {result.zero_shot_accuracy:.3f} after {result.seconds:.1f}s")
     print(f"pretrained checkpoint: {result.checkpoint}")
 

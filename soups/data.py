@@ -152,9 +152,7 @@ def _digit_arrays() -> tuple[np.ndarray, np.ndarray]:
     raw, labels = _raw_digits()
     small = np.clip(np.rint(raw * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     size = (DIGITS_SIZE, DIGITS_SIZE)
-    images = np.stack(
-        [np.asarray(Image.fromarray(im).resize(size, Image.Resampling.BILINEAR)) for im in small]
-    )
+    images = np.stack([np.asarray(Image.fromarray(im).resize(size, Image.Resampling.BILINEAR)) for im in small])
     images.flags.writeable = labels.flags.writeable = False
     return images, labels
 
@@ -224,9 +222,7 @@ def _verify_image(path: Path, where: str) -> None:
         with Image.open(path) as image:
             image.verify()
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for bad files
-        raise DatasetError(
-            f"image file {path} cannot be read as an image ({err}); replace or remove it"
-        ) from err
+        raise DatasetError(f"image file {path} cannot be read as an image ({err}); replace or remove it") from err
 
 
 def _require_dir(path: Path, what: str) -> None:
@@ -299,9 +295,7 @@ def _read_manifest(manifest: Path) -> tuple[list[dict[str, str]], bool]:
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in reader.fieldnames or []]
         if not {"path", "label"} <= set(columns) or not set(columns) <= {"path", "label", "split"}:
-            raise DatasetError(
-                f"manifest {manifest} has columns {columns}; the header must be path,label[,split]"
-            )
+            raise DatasetError(f"manifest {manifest} has columns {columns}; the header must be path,label[,split]")
         rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     for line, row in enumerate(rows, start=2):
         empty = [c for c in columns if not row.get(c)]
@@ -342,8 +336,7 @@ def load_csv_bundle(config: DataConfig) -> DatasetBundle:
     for split in CORE_SPLITS:
         if not grouped[split][0]:
             raise DatasetError(
-                f"manifest {manifest} has no {split!r} rows; "
-                "add some (or more rows per class for the automatic split)"
+                f"manifest {manifest} has no {split!r} rows; add some (or more rows per class for the automatic split)"
             )
     datasets = {split: FileDataset(paths, labels) for split, (paths, labels) in grouped.items()}
     return DatasetBundle(

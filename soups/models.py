@@ -204,9 +204,7 @@ def _from_local_dir(model_name: str, pretrained: str, device: str) -> tuple[nn.M
 def _from_file(model_name: str, pretrained: str, device: str) -> tuple[nn.Module, Any, Any]:
     path = Path(pretrained).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
-            f"pretrained checkpoint {path} does not exist (model.pretrained={pretrained!r})"
-        )
+        raise FileNotFoundError(f"pretrained checkpoint {path} does not exist (model.pretrained={pretrained!r})")
     try:
         return open_clip.create_model_and_transforms(model_name, pretrained=str(path), device=device)
     except (RuntimeError, AssertionError, ValueError) as err:  # open_clip asserts on some shape mismatches
@@ -378,8 +376,7 @@ def classifier_from_state_dict(
         if wrong:
             parts.append(f"shape mismatches (file vs model): {_first_keys(wrong)}")
         raise CheckpointMismatchError(
-            f"{source} does not fit architecture {model_name!r} with {num_classes} classes; "
-            + "; ".join(parts)
+            f"{source} does not fit architecture {model_name!r} with {num_classes} classes; " + "; ".join(parts)
         )
     classifier.load_state_dict(dict(state_dict), strict=True)
     return classifier
@@ -396,9 +393,7 @@ def load_classifier(
     return classifier_from_state_dict(state_dict, model_name, num_classes, device, source=str(path))
 
 
-def save_classifier(
-    classifier: ClipClassifier, path: str | Path, metadata: Mapping[str, str] | None = None
-) -> Path:
+def save_classifier(classifier: ClipClassifier, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``visual.* + head.*`` atomically as safetensors, with the architecture in the metadata."""
     info = {"model_name": classifier.model_name, "num_classes": str(classifier.num_classes)}
     return save_state_dict(classifier.state_dict(), Path(path), {**info, **dict(metadata or {})})

@@ -15,10 +15,8 @@ caption's over the images of its class.
 from __future__ import annotations
 
 import math
-import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +29,10 @@ from torch.utils.data import Dataset
 from soups.checkpoint import save_state_dict
 from soups.config import PretrainConfig
 from soups.data import DatasetBundle
+from soups.evaluate import Preprocess, decode, evaluate
 from soups.models import Transform, build_classifier, create_clip
+from soups.runtime import use_cores
+from soups.train import warmup_cosine
 
 MAX_LOGIT_SCALE = math.log(100.0)
 """CLIP clamps its learned temperature at 100 so the softmax cannot collapse to a hard argmax."""
@@ -42,18 +43,6 @@ class PretrainResult:
     checkpoint: Path
     zero_shot_accuracy: float
     seconds: float
-
-
-@contextmanager
-def cpu_threads() -> Iterator[int]:
-    """Use every core this process may run on (one intra-op thread each), then restore the old setting."""
-    previous = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores))
-    try:
-        yield cores
-    finally:
-        torch.set_num_threads(previous)
 
 
 def label_aware_clip_loss(
@@ -79,33 +68,10 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def _cosine_lr(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up then cosine decay to zero, as a factor of the base learning rate."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _transformed(dataset: Dataset, transform: Transform) -> tuple[torch.Tensor, torch.Tensor]:
     """All images through ``transform`` (random crops drawn from torch's seeded RNG) plus their labels."""
     images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
     return torch.stack([transform(im) for im in images]), torch.tensor(labels, dtype=torch.long)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, dataset: Dataset, transform: Transform, batch_size: int = 256) -> float:
-    """Top-1 accuracy of a classifier (logits out) over a dataset of (PIL image, label)."""
-    was_training = model.training
-    model.eval()
-    images, labels = _transformed(dataset, transform)
-    device = next(model.parameters()).device
-    correct = 0
-    for i in range(0, len(labels), batch_size):
-        predicted = model(images[i : i + batch_size].to(device)).argmax(dim=1).cpu()
-        correct += int((predicted == labels[i : i + batch_size]).sum())
-    model.train(was_training)
-    return correct / max(1, len(labels))
 
 
 def _caption_tokens(model_name: str, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
@@ -120,14 +86,7 @@ def train_clip(
     dataset: Dataset,
     classnames: Sequence[str],
     templates: Sequence[str],
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    weight_decay: float = 0.1,
-    warmup_steps: int = 10,
-    grad_clip: float | None = 1.0,
+    config: PretrainConfig,
     device: str | torch.device = "cpu",
 ) -> nn.Module:
     """A randomly initialised open_clip model trained contrastively on captioned ``dataset`` (eval mode).
@@ -138,7 +97,9 @@ def train_clip(
     if len(dataset) == 0:
         raise ValueError("contrastive pretraining needs at least one image")
     device = torch.device(device)
-    with cpu_threads(), torch.random.fork_rng(devices=[]):
+    use_cores()
+    epochs, batch_size, seed = config.epochs, config.batch_size, config.seed
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, train_tf, _, _ = create_clip(model_name, None, device)
         captions = _caption_tokens(model_name, classnames, templates)
@@ -146,8 +107,10 @@ def train_clip(
         n = len(dataset)
         steps_per_epoch = max(1, n // batch_size)  # drop the ragged last batch: tiny batches are noisy
         total = epochs * steps_per_epoch
-        optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_lr(s, total, warmup_steps))
+        optimizer = torch.optim.AdamW(
+            _param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total))
         model.train()
         for _ in range(epochs):
             images, labels = _transformed(dataset, train_tf)
@@ -164,8 +127,8 @@ def train_clip(
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                if config.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
                 schedule.step()
                 with torch.no_grad():
@@ -182,18 +145,7 @@ def save_clip(model: nn.Module, out: Path, metadata: dict[str, str] | None = Non
 
 
 def pretrain(
-    model_name: str,
-    bundle: DatasetBundle,
-    out: Path,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    weight_decay: float = 0.1,
-    warmup_steps: int = 10,
-    grad_clip: float | None = 1.0,
-    device: str | torch.device = "cpu",
+    config: PretrainConfig, model_name: str, bundle: DatasetBundle, out: Path, device: str | torch.device = "cpu"
 ) -> PretrainResult:
     """Train on ``bundle.pretrain``, save to ``out``, and score zero-shot on heldout (never test).
 
@@ -205,45 +157,15 @@ def pretrain(
             "from train/heldout/test (the digits dataset has one), or point model.pretrained at a checkpoint"
         )
     start = time.perf_counter()
-    model = train_clip(
-        model_name,
-        bundle.pretrain,
-        bundle.classnames,
-        bundle.templates,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
-        grad_clip=grad_clip,
-        device=device,
-    )
-    metadata = {"model_name": model_name, "dataset": bundle.name, "seed": str(seed), "epochs": str(epochs)}
+    model = train_clip(model_name, bundle.pretrain, bundle.classnames, bundle.templates, config, device)
+    metadata = {"model_name": model_name, "dataset": bundle.name, "pretrain_config": config.model_dump_json()}
     out = save_clip(model, Path(out), metadata)
     del model
-    with cpu_threads():
-        classifier, _, eval_tf = build_classifier(
-            model_name, str(out), bundle.classnames, bundle.templates, device=device
-        )
-        zero_shot = accuracy(classifier, bundle.heldout, eval_tf)
-    return PretrainResult(checkpoint=out, zero_shot_accuracy=zero_shot, seconds=time.perf_counter() - start)
+    return PretrainResult(out, zero_shot_accuracy(model_name, out, bundle, device), time.perf_counter() - start)
 
 
-def pretrain_with(
-    config: PretrainConfig, model_name: str, bundle: DatasetBundle, out: Path, device: str = "cpu"
-) -> PretrainResult:
-    """`pretrain` driven by a validated `PretrainConfig`."""
-    return pretrain(
-        model_name,
-        bundle,
-        out,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        seed=config.seed,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        grad_clip=config.grad_clip,
-        device=device,
-    )
+def zero_shot_accuracy(model_name: str, checkpoint: Path, bundle: DatasetBundle, device: str | torch.device) -> float:
+    """Held-out accuracy of the zero-shot classifier built from ``checkpoint``."""
+    classifier, _, _ = build_classifier(model_name, str(checkpoint), bundle.classnames, bundle.templates, device)
+    preprocess = Preprocess.of(classifier)
+    return evaluate(classifier, decode(bundle.heldout, preprocess), preprocess, device=device).accuracy

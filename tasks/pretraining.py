@@ -41,9 +41,9 @@ def pretrain_task(config: PipelineConfig) -> str | None:
         print(f"reusing pretrained start {out}")
         return str(out)
     from soups.evaluate import bundle_for
-    from soups.pretrain import pretrain_with
+    from soups.pretrain import pretrain
 
-    result = pretrain_with(
+    result = pretrain(
         config.pretrain,
         config.model.name,
         bundle_for(config.data),

@@ -26,12 +26,12 @@ os.environ.pop("PREFECT_API_URL", None)  # and use the harness's temporary Prefe
 @pytest.fixture(scope="session")
 def pretrained_checkpoint(tmp_path_factory) -> Path:
     """The offline pretrained start (short contrastive pretraining on digits), made once per test session."""
-    from soups.config import DataConfig
+    from soups.config import DataConfig, PretrainConfig
     from soups.data import load_dataset
-    from soups.pretrain import PretrainConfig, pretrain_with
+    from soups.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("pretrained") / "soups-vit-tiny-digits.safetensors"
-    result = pretrain_with(PretrainConfig(), "soups-vit-tiny", load_dataset(DataConfig()), out)
+    result = pretrain(PretrainConfig(), "soups-vit-tiny", load_dataset(DataConfig()), out)
     assert result.zero_shot_accuracy > 0.3, f"pretraining failed to get above chance: {result.zero_shot_accuracy}"
     return result.checkpoint
 

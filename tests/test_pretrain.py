@@ -11,21 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from soups.config import DataConfig
+from soups.config import DataConfig, PretrainConfig
 from soups.data import DatasetBundle, load_dataset
+from soups.evaluate import Preprocess, decode, evaluate
 from soups.models import build_classifier
-from soups.pretrain import (
-    PretrainConfig,
-    PretrainResult,
-    accuracy,
-    cpu_threads,
-    label_aware_clip_loss,
-    pretrain,
-    train_clip,
-)
+from soups.pretrain import PretrainResult, label_aware_clip_loss, pretrain, train_clip
+from soups.runtime import use_cores
 
 TINY = "soups-vit-tiny"
-SHORT = {"epochs": 3, "batch_size": 32, "lr": 1e-3, "seed": 0}
+SHORT = PretrainConfig(epochs=3, batch_size=32, lr=1e-3, seed=0)
 """A short run: about 4 s on 2 cores, zero-shot 0.46-0.70 over seeds 0-2 (chance is 0.1)."""
 
 
@@ -38,7 +32,7 @@ def digits() -> DatasetBundle:
 def pretrained_tiny(tmp_path_factory: pytest.TempPathFactory, digits: DatasetBundle) -> PretrainResult:
     """One short pretraining run shared by every test that needs a pretrained start (move to conftest)."""
     out = tmp_path_factory.mktemp("pretrained") / f"{TINY}-digits.safetensors"
-    return pretrain(TINY, digits, out, **SHORT)
+    return pretrain(SHORT, TINY, digits, out)
 
 
 def test_short_pretraining_beats_chance_by_a_clear_margin(pretrained_tiny: PretrainResult) -> None:
@@ -52,8 +46,10 @@ def test_reported_accuracy_is_heldout_zero_shot_of_the_saved_file(
     pretrained_tiny: PretrainResult, digits: DatasetBundle
 ) -> None:
     checkpoint = str(pretrained_tiny.checkpoint)
-    classifier, _, eval_tf = build_classifier(TINY, checkpoint, digits.classnames, digits.templates)
-    assert accuracy(classifier, digits.heldout, eval_tf) == pytest.approx(pretrained_tiny.zero_shot_accuracy)
+    classifier, _, _ = build_classifier(TINY, checkpoint, digits.classnames, digits.templates)
+    preprocess = Preprocess.of(classifier)
+    heldout = evaluate(classifier, decode(digits.heldout, preprocess), preprocess)
+    assert heldout.accuracy == pytest.approx(pretrained_tiny.zero_shot_accuracy)
 
 
 def test_checkpoint_loads_in_open_clip_with_identical_features(
@@ -62,7 +58,7 @@ def test_checkpoint_loads_in_open_clip_with_identical_features(
     # Retraining with the same seed must reproduce the saved model exactly (CPU determinism), so the
     # in-memory model can be compared with what open_clip reads back from the file.
     before = torch.random.get_rng_state()
-    in_memory = train_clip(TINY, digits.pretrain, digits.classnames, digits.templates, **SHORT)
+    in_memory = train_clip(TINY, digits.pretrain, digits.classnames, digits.templates, SHORT)
     assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG is left alone
     checkpoint = str(pretrained_tiny.checkpoint)
     loaded, _, eval_tf = open_clip.create_model_and_transforms(TINY, pretrained=checkpoint)
@@ -78,7 +74,7 @@ def test_checkpoint_loads_in_open_clip_with_identical_features(
 def test_bundle_without_pretrain_split_is_refused(digits: DatasetBundle, tmp_path: Path) -> None:
     no_pretrain = dataclasses.replace(digits, name="imagefolder", pretrain=None)
     with pytest.raises(ValueError, match="no pretrain split"):
-        pretrain(TINY, no_pretrain, tmp_path / "x.safetensors", **SHORT)
+        pretrain(SHORT, TINY, no_pretrain, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -111,7 +107,7 @@ def test_label_aware_loss_equals_clip_loss_when_labels_are_distinct() -> None:
     torch.testing.assert_close(soft, open_clip.ClipLoss()(images, texts, scale))
 
 
-def test_defaults_are_validated_and_threads_are_restored() -> None:
+def test_defaults_are_validated_and_threads_use_every_core() -> None:
     config = PretrainConfig()
     assert config.epochs >= 1 and config.batch_size >= 2 and config.lr > 0
     with pytest.raises(ValueError):
@@ -119,6 +115,8 @@ def test_defaults_are_validated_and_threads_are_restored() -> None:
     with pytest.raises(ValueError):
         PretrainConfig(epoch=3)  # typo: unknown fields are errors
     before = torch.get_num_threads()
-    with cpu_threads() as cores:
-        assert torch.get_num_threads() == cores >= 1
-    assert torch.get_num_threads() == before
+    try:
+        assert use_cores(1) == torch.get_num_threads() == 1
+        assert use_cores() == torch.get_num_threads() >= 1
+    finally:
+        torch.set_num_threads(before)

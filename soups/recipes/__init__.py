@@ -41,9 +41,7 @@ def recipe_names() -> list[str]:
     return sorted(RECIPES)
 
 
-def cook(
-    name: str, ingredients: Sequence[Ingredient], kitchen: Kitchen | None = None, **options
-) -> list[Dish]:
+def cook(name: str, ingredients: Sequence[Ingredient], kitchen: Kitchen | None = None, **options) -> list[Dish]:
     """Check the ingredients fit together, then run one recipe; returns its dishes (WiSE-FT gives several)."""
     recipe = get_recipe(name)
     check_compatible([i.path for i in ingredients])

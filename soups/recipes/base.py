@@ -29,9 +29,7 @@ class Kitchen:
     def require(self, recipe: str, *parts: str) -> None:
         missing = [p for p in parts if getattr(self, p) is None]
         if missing:
-            raise ValueError(
-                f"recipe {recipe!r} needs kitchen.{', kitchen.'.join(missing)}; provide them to cook it"
-            )
+            raise ValueError(f"recipe {recipe!r} needs kitchen.{', kitchen.'.join(missing)}; provide them to cook it")
 
 
 @dataclass

@@ -63,9 +63,7 @@ def greedy_soup(ingredients: list[Ingredient], evaluate: Evaluate, *, strict: bo
         if keep:
             soup, score = candidate, candidate_score
             accepted.append(ingredient)
-        trajectory.append(
-            GreedyStep(ingredient.name, float(ingredient.score), candidate_score, keep, len(accepted))
-        )
+        trajectory.append(GreedyStep(ingredient.name, float(ingredient.score), candidate_score, keep, len(accepted)))
     return GreedyResult(cast_like(soup, reference), accepted, score, trajectory, evaluations)
 
 

@@ -95,9 +95,7 @@ def learn_mixing(
             losses.append(float(loss.detach()))
     with torch.no_grad():
         final = _weights(alpha, keys, by_layer)
-        coefficients = (
-            final.cpu() if isinstance(final, torch.Tensor) else {k: v.cpu() for k, v in final.items()}
-        )
+        coefficients = final.cpu() if isinstance(final, torch.Tensor) else {k: v.cpu() for k, v in final.items()}
     return LearnedMix(coefficients, float(log_scale.detach().exp()), losses)
 
 

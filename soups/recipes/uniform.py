@@ -11,8 +11,6 @@ from soups.statedict import average_checkpoints
 
 
 @register("uniform")
-def uniform_soup(
-    ingredients: list[Ingredient], kitchen: Kitchen, dtype: torch.dtype | None = None
-) -> list[Dish]:
+def uniform_soup(ingredients: list[Ingredient], kitchen: Kitchen, dtype: torch.dtype | None = None) -> list[Dish]:
     state_dict = average_checkpoints([i.path for i in ingredients], dtype=dtype)
     return [Dish(name="uniform", recipe="uniform", ingredients=ingredients, state_dict=state_dict)]

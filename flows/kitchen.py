@@ -29,8 +29,9 @@ def kitchen_flow(config: PipelineConfig, pretrained: str | None = None) -> dict:
         refs = gather_ingredients(config, workdir / "ingredients")
         client.log_param(run_id, "ingredient_versions", ",".join(r.version for r in refs))
         candidates = score_ingredients_task(config, refs, pretrained, workdir)
+        heldout_scores = {c.name: c.scores["heldout"] for c in candidates}
         for recipe in config.kitchen.recipes:
-            candidates += cook_task(config, recipe, refs, pretrained, workdir)
+            candidates += cook_task(config, recipe, refs, heldout_scores, pretrained, workdir)
         board = log_kitchen_report(config, run_id, candidates, workdir)
         registered = register_candidates(config, experiment_id, run_id, candidates, refs, pretrained, workdir)
         decision = promote(config, run_id, registered, pretrained, workdir)

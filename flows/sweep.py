@@ -8,7 +8,7 @@ import optuna
 from optuna.trial import TrialState
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from soups.config import PipelineConfig
@@ -16,8 +16,6 @@ from soups.runtime import available_cores
 from tasks.ingredients import TrialOutcome, TrialRef, train_ingredient
 from tasks.studies import open_study, sample_params
 from tasks.tracking import client_for, ensure_experiment, tracked_run
-
-_POLL_SECONDS = 0.05
 
 
 @flow(name="sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
@@ -56,7 +54,9 @@ def _run_trials(
         while asked < config.sweep.n_trials or in_flight:
             while asked < config.sweep.n_trials and len(in_flight) < parallel:
                 trial = study.ask()
-                params = sample_params(trial, config.space)
+                # Each trial gets its own seed (init order, augmentation, mixup) unless the space samples it.
+                params = {"seed": config.train.seed + trial.number, **sample_params(trial, config.space)}
+                trial.set_user_attr("seed", params["seed"])
                 ref = TrialRef(
                     study_name=config.study_name,
                     storage=config.tracking.resolved_optuna_storage(),
@@ -69,12 +69,13 @@ def _run_trials(
                 submitted[trial.number] = time.perf_counter()
                 in_flight[train_ingredient.submit(base, ref, params, pretrained)] = trial
                 asked += 1
-            for future in _finished(in_flight):
-                trial = in_flight.pop(future)
-                _tell(study, trial, future, outcomes, failures, time.perf_counter() - submitted[trial.number])
-                done = len(outcomes) + len(failures)
-                update_progress_artifact(progress, 100.0 * done / config.sweep.n_trials)
-                print(f"trials done {done}/{config.sweep.n_trials} ({len(failures)} failed or pruned)")
+            future = next(as_completed(list(in_flight)))
+            trial = in_flight[future]
+            _tell(study, trial, future, outcomes, failures, time.perf_counter() - submitted[trial.number])
+            del in_flight[future]  # only once told: an interrupted tell is retried as FAIL below
+            done = len(outcomes) + len(failures)
+            update_progress_artifact(progress, 100.0 * done / config.sweep.n_trials)
+            print(f"trials done {done}/{config.sweep.n_trials} ({len(failures)} failed or pruned)")
     finally:
         for trial in in_flight.values():
             study.tell(trial, state=TrialState.FAIL)
@@ -95,15 +96,6 @@ def _log_summary(client, run_id: str, outcomes: list[TrialOutcome], failures: di
     )
 
 
-def _finished(in_flight: dict[PrefectFuture, object]) -> list[PrefectFuture]:
-    """Block until at least one trial is over; return all that are."""
-    while True:
-        done = [f for f in in_flight if f.state.is_final()]
-        if done:
-            return done
-        time.sleep(_POLL_SECONDS)
-
-
 def _tell(
     study: optuna.Study,
     trial: optuna.Trial,
@@ -113,9 +105,9 @@ def _tell(
     wall_seconds: float,
 ) -> None:
     """Tell Optuna how the trial ended; overhead = trial wall time seen by the flow minus time in finetune()."""
-    state = future.state
-    if state.is_completed():
-        outcome: TrialOutcome = future.result()
+    result = future.result(raise_on_failure=False)  # the outcome, or the exception the task raised
+    if isinstance(result, TrialOutcome):
+        outcome = result
         study.tell(trial, outcome.value)
         overhead = wall_seconds - outcome.train_function_seconds
         outcomes.append(outcome.model_copy(update={"orchestration_seconds": overhead}))
@@ -124,7 +116,7 @@ def _tell(
             f"{outcome.version} (orchestration overhead {overhead:.2f}s)"
         )
         return
-    error = future.result(raise_on_failure=False)
+    error = result
     failures[trial.number] = f"{type(error).__name__}: {error}"
     if isinstance(error, optuna.TrialPruned):
         study.tell(trial, state=TrialState.PRUNED)

@@ -69,9 +69,11 @@ def pretrain_command(args: argparse.Namespace) -> None:
         raise UsageError("this config fine-tunes from model.pretrained; set it to null and keep a pretrain section")
     from soups.evaluate import bundle_for
     from soups.pretrain import pretrain
+    from soups.runtime import resolve_device
     from tasks.pretraining import pretrained_start
 
-    result = pretrain(config.pretrain, config.model.name, bundle_for(config.data), pretrained_start(config))
+    device = resolve_device(config.train.device)
+    result = pretrain(config.pretrain, config.model.name, bundle_for(config.data), pretrained_start(config), device)
     print(f"zero-shot held-out accuracy {result.zero_shot_accuracy:.3f} after {result.seconds:.1f}s")
     print(f"pretrained checkpoint: {result.checkpoint}")
 
@@ -166,6 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"soups {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # Domain errors (bad data, incompatible or missing checkpoints, nothing registered yet, a diverged
+        # run) already say what is wrong and what to do; a traceback would only bury that line.
+        if os.environ.get("SOUPS_DEBUG"):
+            raise
+        print(f"soups {args.command}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print("(set SOUPS_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

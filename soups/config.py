@@ -121,6 +121,9 @@ class KitchenConfig(_Section):
     greedy_strict: bool = Field(False, description="Official code's '>' instead of the paper's '>='.")
     learned_epochs: int = Field(5, ge=1)
     learned_batch_size: int = Field(256, ge=1)
+    learned_fit_fraction: float = Field(
+        0.5, gt=0, lt=1, description="Part of held-out that learned soups fit on; the rest scores every candidate."
+    )
     wise_ft_alphas: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
     promotion_metric: Literal["heldout", "shift_mean"] = Field(
         "heldout", description="Metric that picks the champion; the test set never does."

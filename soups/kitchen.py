@@ -14,7 +14,7 @@ import torch
 
 from soups.checkpoint import Ingredient, load_state_dict, save_state_dict
 from soups.config import FinetuneConfig, KitchenConfig
-from soups.evaluate import Evaluator, Preprocess, evaluation_splits
+from soups.evaluate import Evaluator, ImageTensors, NormalizedBatches, Preprocess, evaluation_splits
 from soups.recipes import Dish, Kitchen, cook
 from soups.runtime import resolve_device
 from soups.train import zero_shot_classifier
@@ -43,22 +43,35 @@ class KitchenSetup:
     kitchen: Kitchen
 
 
-def prepare(config: FinetuneConfig, workdir: Path, learned_batch_size: int = 256) -> KitchenSetup:
-    """Zero-shot start (the WiSE-FT base), evaluator over every split, held-out batches for learned soups."""
+def prepare(config: FinetuneConfig, workdir: Path, settings: KitchenConfig) -> KitchenSetup:
+    """Zero-shot start (the WiSE-FT base), evaluator over every split, held-out batches for learned soups.
+
+    Learned soups fit their mixing weights on one part of the held-out set; every candidate is then scored
+    and promoted on the other part ("heldout" in the leaderboard), so a soup is never chosen on the very
+    images it was fitted to. Greedy selection uses that scoring part, as the paper's greedy soup does.
+    """
     device = resolve_device(config.train.device)
     classifier = zero_shot_classifier(config, device)
     base = save_state_dict(classifier.state_dict(), Path(workdir) / "zero-shot.safetensors")
     preprocess = Preprocess.of(classifier)
     splits, shifts = evaluation_splits(config.data, preprocess)
+    fit, splits["heldout"] = split_heldout(splits["heldout"], settings.learned_fit_fraction, config.data.seed)
     evaluator = Evaluator(
         classifier, splits, preprocess, shifts=shifts, device=device, batch_size=config.train.eval_batch_size
     )
-    heldout = [
-        (preprocess.normalize(images.to(device)), labels.to(device))
-        for images, labels in splits["heldout"].batches(learned_batch_size)
-    ]
-    kitchen = Kitchen(evaluate=evaluator.accuracy, module=classifier, heldout=heldout, base=base, device=str(device))
+    learned_batches = NormalizedBatches(fit, preprocess, device, settings.learned_batch_size)
+    kitchen = Kitchen(
+        evaluate=evaluator.accuracy, module=classifier, heldout=learned_batches, base=base, device=str(device)
+    )
     return KitchenSetup(evaluator, kitchen)
+
+
+def split_heldout(data: ImageTensors, fit_fraction: float, seed: int) -> tuple[ImageTensors, ImageTensors]:
+    """A seeded (fit, score) partition of the held-out set."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    cut = max(1, min(len(data) - 1, round(fit_fraction * len(data))))
+    fit, score = order[:cut], order[cut:]
+    return ImageTensors(data.images[fit], data.labels[fit]), ImageTensors(data.images[score], data.labels[score])
 
 
 def recipe_options(recipe: str, settings: KitchenConfig) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def average_checkpoints(
             ensure_finite(key, tensor, str(path))
             weight = float(_coefficient(coefficients, key)[index])
             if index == 0:
-                accumulator[key] = torch.mul(tensor, weight, out=torch.empty(tensor.shape, dtype=torch.float32))
+                accumulator[key] = torch.mul(tensor.float(), weight)  # upcast first: bf16 products lose bits
             else:
                 accumulator[key].add_(tensor, alpha=weight)
     return {

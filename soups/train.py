@@ -97,9 +97,7 @@ def _train(
     classifier.to(device)
     if cuda:
         classifier.to(memory_format=torch.channels_last)
-    images, labels = (
-        (train_set.images.pin_memory(), train_set.labels.pin_memory()) if cuda else (train_set.images, train_set.labels)
-    )
+    images, labels = train_set.images, train_set.labels
     steps_per_epoch = math.ceil(len(train_set) / train.batch_size)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -119,6 +117,8 @@ def _train(
             batch = images[index]
             if augment is not None:
                 batch = torch.stack([augment(image) for image in batch])
+            if cuda:  # the gathered batch is fresh pageable memory: pin it so the copy overlaps compute
+                batch = batch.pin_memory()
             batch = preprocess.normalize(batch.to(device, non_blocking=True))
             if cuda:
                 batch = batch.contiguous(memory_format=torch.channels_last)

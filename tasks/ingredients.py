@@ -15,7 +15,7 @@ from prefect import task
 from pydantic import BaseModel
 
 from soups.config import PipelineConfig
-from tasks.studies import open_trial
+from tasks.studies import open_trial, still_running
 from tasks.tracking import (
     PARENT_RUN_TAG,
     client_for,
@@ -77,7 +77,7 @@ def train_ingredient(
             client, run_id, {**flat_params(finetune_config.model_dump(mode="json")), **flat_params(params, "sampled.")}
         )
         _log_dataset(client, run_id, config)
-        trial = open_trial(ref.storage, ref.study_name, ref.trial_id)
+        trial = open_trial(ref.storage, ref.study_name, ref.trial_id, config.sweep.pruning)
 
         def on_epoch(report: EpochReport) -> None:
             for key in ("train_loss", "heldout_accuracy", "heldout_loss"):
@@ -98,6 +98,8 @@ def train_ingredient(
             client.log_metric(run_id, key, value)
         client.log_artifact(run_id, str(checkpoint), "checkpoint")
         digest = sha256_of(checkpoint)
+        if not still_running(trial):
+            raise RuntimeError(f"trial {ref.number} was ended by the sweep while training; not registering it")
         version = client.create_model_version(
             ingredients_model_name(config),
             source=f"{run.info.artifact_uri}/checkpoint",
@@ -105,7 +107,7 @@ def train_ingredient(
             tags={
                 "study": ref.study_name,
                 "trial_number": str(ref.number),
-                "heldout_accuracy": f"{result.metrics['heldout_accuracy']:.6f}",
+                "heldout_accuracy": repr(result.metrics["heldout_accuracy"]),
                 "sha256": digest,
                 "checkpoint": checkpoint.name,
                 "model_name": config.model.name,

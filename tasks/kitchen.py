@@ -34,8 +34,11 @@ class IngredientRef(BaseModel):
     def name(self) -> str:
         return f"ingredient-v{self.version}"
 
-    def ingredient(self) -> Ingredient:
-        return Ingredient(self.checkpoint, self.score, self.name, {"version": self.version, "run_id": self.run_id})
+    def ingredient(self, score: float | None = None) -> Ingredient:
+        """As a recipe ingredient; ``score`` replaces the training-time held-out score (the kitchen re-scores
+        every ingredient with the evaluator it scores soups with, so greedy compares like with like)."""
+        origin = {"version": self.version, "run_id": self.run_id}
+        return Ingredient(self.checkpoint, self.score if score is None else score, self.name, origin)
 
 
 class ChecksumMismatchError(RuntimeError):
@@ -85,7 +88,7 @@ def gather_ingredients(config: PipelineConfig, into: Path) -> list[IngredientRef
 @lru_cache(maxsize=2)
 def _setup(config_json: str, pretrained: str | None, workdir: str) -> KitchenSetup:
     config = PipelineConfig.model_validate_json(config_json)
-    return prepare(config.finetune_config(pretrained=pretrained), Path(workdir), config.kitchen.learned_batch_size)
+    return prepare(config.finetune_config(pretrained=pretrained), Path(workdir), config.kitchen)
 
 
 def kitchen_setup(config: PipelineConfig, pretrained: str | None, workdir: Path) -> KitchenSetup:
@@ -101,10 +104,16 @@ def score_ingredients_task(
 
 @task(name="cook", task_run_name="cook-{recipe}")
 def cook_task(
-    config: PipelineConfig, recipe: str, refs: list[IngredientRef], pretrained: str | None, workdir: Path
+    config: PipelineConfig,
+    recipe: str,
+    refs: list[IngredientRef],
+    heldout_scores: dict[str, float],
+    pretrained: str | None,
+    workdir: Path,
 ) -> list[Candidate]:
     setup = kitchen_setup(config, pretrained, workdir)
-    candidates = cook_recipe(setup, recipe, [r.ingredient() for r in refs], config.kitchen, workdir / "soups")
+    ingredients = [r.ingredient(heldout_scores[r.name]) for r in refs]
+    candidates = cook_recipe(setup, recipe, ingredients, config.kitchen, workdir / "soups")
     for c in candidates:
         print(
             f"{c.name}: held-out {c.scores['heldout']:.4f}, test {c.scores['test']:.4f}, "
@@ -190,7 +199,7 @@ def register_candidates(
                 "sha256": digest,
                 "study": config.study_name,
                 "ingredient_versions": ",".join(versions_by_name.get(n, n) for n in candidate.ingredients),
-                "heldout": f"{candidate.scores['heldout']:.6f}",
+                "heldout": repr(candidate.scores["heldout"]),
             }
             version = _log_and_register(config, experiment_id, kitchen_run_id, candidate, setup, workdir, lineage)
             existing[digest] = version

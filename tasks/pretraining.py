@@ -42,13 +42,14 @@ def pretrain_task(config: PipelineConfig) -> str | None:
         return str(out)
     from soups.evaluate import bundle_for
     from soups.pretrain import pretrain
+    from soups.runtime import resolve_device
 
     result = pretrain(
         config.pretrain,
         config.model.name,
         bundle_for(config.data),
         out,
-        device=config.train.device if config.train.device != "auto" else "cpu",
+        device=resolve_device(config.train.device),
     )
     print(
         f"pretrained {config.model.name} in {result.seconds:.1f}s: zero-shot held-out accuracy "

@@ -20,6 +20,10 @@ from tasks.tracking import client_for
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
+class NothingToPromoteError(ValueError):
+    """The kitchen produced no model that could be served on its own."""
+
+
 class PromotionDecision(BaseModel):
     metric: str
     candidate: str
@@ -39,6 +43,11 @@ def promote(
     workdir: Path,
 ) -> PromotionDecision:
     metric = config.kitchen.promotion_metric
+    if not candidates:
+        raise NothingToPromoteError(
+            f"no single-model candidates to promote (recipes: {config.kitchen.recipes}); an ensemble is not one "
+            "model: add 'best', 'uniform', 'greedy' or a learned soup to kitchen.recipes"
+        )
     client = client_for(config.tracking)
     name = config.experiment
     champion = _alias(client, name, CHAMPION)

@@ -19,8 +19,10 @@ def storage_for(url: str) -> str | optuna.storages.BaseStorage:
     return url
 
 
-def make_sampler(config: PipelineConfig) -> optuna.samplers.BaseSampler:
-    seed = config.sweep.seed
+def make_sampler(config: PipelineConfig, finished_before: int = 0) -> optuna.samplers.BaseSampler:
+    """Seeded by the sweep seed and the study's size, so a resumed study draws new points instead of
+    replaying the first session's (a sampler's random state is not stored with the study)."""
+    seed = config.sweep.seed + 10_007 * finished_before
     samplers = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
@@ -29,23 +31,36 @@ def make_sampler(config: PipelineConfig) -> optuna.samplers.BaseSampler:
     return samplers[config.sweep.sampler]()
 
 
+def make_pruner(pruning: bool) -> optuna.pruners.BasePruner:
+    """Median pruning after the first epoch when asked for; the same pruner wherever the study is opened."""
+    return optuna.pruners.MedianPruner(n_warmup_steps=1) if pruning else optuna.pruners.NopPruner()
+
+
 def open_study(config: PipelineConfig) -> optuna.Study:
     """Create the study, or resume it (trial numbers continue) when it already exists."""
     config.tracking.root.mkdir(parents=True, exist_ok=True)
-    pruner = optuna.pruners.MedianPruner(n_warmup_steps=1) if config.sweep.pruning else optuna.pruners.NopPruner()
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=config.study_name,
         storage=storage_for(config.tracking.resolved_optuna_storage()),
         sampler=make_sampler(config),
-        pruner=pruner,
+        pruner=make_pruner(config.sweep.pruning),
         direction="maximize",
         load_if_exists=True,
     )
+    if study.trials:
+        study.sampler = make_sampler(config, len(study.trials))
+    return study
 
 
-def open_trial(storage: str, study_name: str, trial_id: int) -> optuna.Trial:
-    study = optuna.load_study(study_name=study_name, storage=storage_for(storage))
+def open_trial(storage: str, study_name: str, trial_id: int, pruning: bool) -> optuna.Trial:
+    """A running trial reopened from plain ids (what a trial task on another machine has)."""
+    study = optuna.load_study(study_name=study_name, storage=storage_for(storage), pruner=make_pruner(pruning))
     return optuna.Trial(study, trial_id)
+
+
+def still_running(trial: optuna.Trial) -> bool:
+    """False once the sweep has told the trial's end (e.g. it was interrupted): then nothing may be registered."""
+    return trial.study._storage.get_trial(trial._trial_id).state == optuna.trial.TrialState.RUNNING
 
 
 def sample_params(trial: optuna.Trial, space: dict[str, Distribution]) -> dict[str, Any]:

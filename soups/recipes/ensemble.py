@@ -11,7 +11,7 @@ from torch.func import functional_call
 from soups.checkpoint import Ingredient, StateDict
 from soups.recipes import register
 from soups.recipes.base import Dish, Kitchen
-from soups.statedict import load_ingredient
+from soups.statedict import load_ingredient, to_float32
 
 
 class LogitEnsemble(nn.Module):
@@ -29,16 +29,17 @@ class LogitEnsemble(nn.Module):
             total = logits if total is None else total + logits
         return total / len(self.members)
 
-    def to(self, *args, **kwargs) -> LogitEnsemble:
-        super().to(*args, **kwargs)
-        device = next(self.module.parameters()).device
-        self.members = [{k: v.to(device) for k, v in m.items()} for m in self.members]
+    def _apply(self, fn, recurse: bool = True):
+        """.to()/.cuda()/.half() move and cast the members along with the module."""
+        super()._apply(fn, recurse)
+        self.members = [{k: fn(v) for k, v in m.items()} for m in self.members]
         return self
 
 
 @register("ensemble")
 def ensemble_recipe(ingredients: list[Ingredient], kitchen: Kitchen) -> list[Dish]:
     kitchen.require("ensemble", "module")
-    members = [load_ingredient(i) for i in ingredients]
-    model = LogitEnsemble(copy.deepcopy(kitchen.module), members).to(kitchen.device)
+    members = [to_float32(load_ingredient(i)) for i in ingredients]  # fp16 files still run on CPU
+    model = LogitEnsemble(copy.deepcopy(kitchen.module), members)
+    model.to(device=kitchen.device, dtype=next(kitchen.module.parameters()).dtype)
     return [Dish("ensemble", "ensemble", ingredients, model=model, details={"members": len(members)})]

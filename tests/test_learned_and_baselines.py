@@ -141,3 +141,17 @@ def test_wise_ft_interpolates_between_zero_shot_and_best(digits, pool):
     assert all(d.ingredients[0].name == "good" for d in dishes)
     with pytest.raises(ValueError, match="needs kitchen.base"):
         cook("wise_ft", ingredients)
+
+
+def test_logit_ensemble_of_half_precision_checkpoints_runs_on_cpu(digits, pool, tmp_path):
+    from soups.checkpoint import load_state_dict
+
+    ingredients, _ = pool
+    halves = []
+    for ingredient in ingredients[:2]:
+        half = {k: v.half() for k, v in load_state_dict(ingredient.path).items()}
+        halves.append(Ingredient(save_state_dict(half, tmp_path / f"{ingredient.name}.safetensors")))
+    (dish,) = cook("ensemble", halves, Kitchen(module=_small_cnn()))
+    _, (x, _) = digits
+    with torch.no_grad():
+        assert dish.model(x[:4]).dtype == torch.float32

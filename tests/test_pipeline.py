@@ -137,6 +137,9 @@ def test_rerunning_the_sweep_continues_the_study(first_run):
     assert [t["number"] for t in result["finished"]] == [3]
     study = optuna.load_study(study_name=config.study_name, storage=config.tracking.resolved_optuna_storage())
     assert len(study.trials) == 4
+    earlier = [t.params for t in study.trials[:3]]
+    assert study.trials[3].params not in earlier, "a resumed study must not replay the first session's points"
+    assert study.trials[3].user_attrs["seed"] == config.train.seed + 3
 
 
 def test_a_failing_trial_is_recorded_failed_and_registers_nothing(first_run):

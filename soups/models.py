@@ -80,12 +80,6 @@ def model_config(model_name: str) -> dict[str, Any]:
     return config
 
 
-def model_image_size(model_name: str) -> int:
-    """Input resolution the architecture expects (square side, pixels)."""
-    size = model_config(model_name)["vision_cfg"].get("image_size", 224)
-    return int(size if isinstance(size, int) else size[0])
-
-
 def model_embed_dim(model_name: str) -> int:
     """Width of the joint image-text embedding, i.e. the head's input size."""
     return int(model_config(model_name)["embed_dim"])

@@ -61,7 +61,7 @@ def test_project_architectures_are_registered_once_and_tokenize_to_their_context
     names = models.register_project_models()
     assert len(factory._MODEL_CONFIG_PATHS) == paths_before
     assert {TINY, SMALL} <= set(names) <= set(open_clip.list_models())
-    assert models.model_image_size(TINY) == 32 and models.model_embed_dim(TINY) == 64
+    assert models.model_config(TINY)["vision_cfg"]["image_size"] == 32 and models.model_embed_dim(TINY) == 64
     context = models.model_config(TINY)["text_cfg"]["context_length"]
     tokens = open_clip.get_tokenizer(TINY)(["a blurry low resolution image of the digit seven."])
     assert tokens.shape == (1, context) == (1, 16)

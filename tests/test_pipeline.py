@@ -146,6 +146,7 @@ def test_a_failing_trial_is_recorded_failed_and_registers_nothing(first_run):
     config, _ = first_run
     diverging = _config(config.tracking.root, **{
         "sweep.study_name": "diverging", "sweep.seed": 0,  # random sampler, seed 0: lr 1e6, 3e-4, 1e6
+        "sweep.parallel": 2,  # two trial tasks at once in the flow's thread pool
         "space": {"lr": {"kind": "categorical", "choices": [3e-4, 1e6]},
                   "epochs": {"kind": "int", "low": 1, "high": 1}},
     })
@@ -162,3 +163,5 @@ def test_a_failing_trial_is_recorded_failed_and_registers_nothing(first_run):
     runs = client.search_runs([experiment.experiment_id], "tags.study = 'diverging' and tags.kind = 'ingredient'")
     failed = [r for r in runs if r.info.status == "FAILED"]
     assert len(failed) == 2 and all("TrainingDivergedError" in r.data.tags["failure_reason"] for r in failed)
+    first, second = sorted(runs, key=lambda r: int(r.data.tags["trial_number"]))[:2]
+    assert second.info.start_time < first.info.end_time, "with parallel: 2 the first two trials overlap"

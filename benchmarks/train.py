@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from soups.config import FinetuneConfig, ModelConfig, TrainConfig
+from soups.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 from soups.evaluate import Preprocess, bundle_for, decode, decoded_split, evaluate, split_of
 from soups.runtime import resolve_device, use_cores
 from soups.train import finetune, warmup_cosine, zero_shot_classifier
@@ -117,15 +117,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement, best kept (default 3)")
     parser.add_argument("--candidates", type=int, default=5, help="models evaluated on one split (default 5)")
     parser.add_argument("--gpu-compare", action="store_true", help="CUDA only: fine-tuning with vs without bf16")
+    parser.add_argument("--image-folder", type=Path, help="use an imagefolder dataset (root with train/ val/ test/)")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    data = DataConfig(name="imagefolder", root=args.image_folder) if args.image_folder else DataConfig()
     config = FinetuneConfig(
-        model=ModelConfig(name=args.model, pretrained=None), train=TrainConfig(epochs=args.epochs, device=str(device))
+        model=ModelConfig(name=args.model, pretrained=None),
+        data=data,
+        train=TrainConfig(epochs=args.epochs, device=str(device)),
     )
     threads = use_cores(config.train.threads)
     autocast = "on (bf16, CUDA)" if device.type == "cuda" else "off (train.py autocasts on CUDA only)"
-    print(f"model {args.model} (random init), digits, device {device}, {threads} CPU threads, autocast {autocast}")
+    print(f"model {args.model} (random init), {data.name}, device {device}, {threads} CPU threads, autocast {autocast}")
     if args.gpu_compare:
         gpu_compare(config, device, args.repeats)
         return

@@ -8,17 +8,20 @@ channels-last inputs and pinned host memory.
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 from torchvision.transforms import v2
 
-from soups.config import FinetuneConfig, TrainConfig
+from soups.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 from soups.evaluate import ImageTensors, Preprocess, bundle_for, decoded_split, evaluate
 from soups.models import ClipClassifier, build_classifier, save_classifier
 from soups.runtime import resolve_device, use_cores
@@ -47,12 +50,28 @@ class FinetuneResult:
     history: list[EpochReport] = field(default_factory=list)
 
 
+_START_LOCK = threading.Lock()
+
+
 def zero_shot_classifier(config: FinetuneConfig, device: torch.device | str = "cpu") -> ClipClassifier:
-    """The starting point of every ingredient (and the zero-shot end of WiSE-FT)."""
-    bundle = bundle_for(config.data)
-    classifier, _, _ = build_classifier(
-        config.model.name, config.model.pretrained, bundle.classnames, bundle.templates, device=device
-    )
+    """The shared start of every ingredient (and the zero-shot end of WiSE-FT), as a fresh copy.
+
+    Built once per process (text tower, every class x template prompt) and copied for each trial. Built
+    under a fixed seed, so even a random-init start is the same for every trial: soups of ingredients
+    fine-tuned from different inits collapse.
+    """
+    with _START_LOCK:
+        start = _zero_shot_start(config.model.model_dump_json(), config.data.model_dump_json(), str(device))
+    return copy.deepcopy(start)
+
+
+@lru_cache(maxsize=2)
+def _zero_shot_start(model_json: str, data_json: str, device: str) -> ClipClassifier:
+    model = ModelConfig.model_validate_json(model_json)
+    bundle = bundle_for(DataConfig.model_validate_json(data_json))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        classifier, _, _ = build_classifier(model.name, model.pretrained, bundle.classnames, bundle.templates, device)
     return classifier
 
 

@@ -128,3 +128,14 @@ def test_finetune_and_evaluate_on_an_image_folder(pretrained_checkpoint, tmp_pat
     assert shifts == ("upside-down",)
     report = Evaluator(classifier, splits, preprocess, shifts=shifts).report(load_state_dict(result.checkpoint))
     assert report["upside-down"] < report["test"], "rotating digits by 180 degrees should hurt"
+
+
+def test_every_trial_starts_from_the_same_classifier_even_without_pretrained_weights():
+    first = zero_shot_classifier(FinetuneConfig.model_validate({"train": {"seed": 1}}))
+    second = zero_shot_classifier(FinetuneConfig.model_validate({"train": {"seed": 2}}))
+    assert first is not second, "each caller gets its own copy to train"
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+    first.head.weight.data.zero_()
+    third = zero_shot_classifier(FinetuneConfig())
+    assert not torch.equal(third.head.weight, first.head.weight), "training a copy leaves the shared start alone"

@@ -61,6 +61,8 @@ def _prepare_environment(root: Path) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # A fresh Prefect home migrates its database on first start, which takes longer than the 20 s default.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # The temporary server's telemetry writes race the flow for the SQLite lock ("database is locked").
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def pretrain_command(args: argparse.Namespace) -> None:

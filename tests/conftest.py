@@ -18,7 +18,9 @@ for _variable, _folder in {
     "XDG_CONFIG_HOME": "config",
 }.items():
     os.environ[_variable] = os.path.join(_HOME, _folder)
-os.environ.update(HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
+os.environ.update(
+    HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false"
+)
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests pass their own sqlite URIs, never a user's server
 os.environ.pop("PREFECT_API_URL", None)  # and use the harness's temporary Prefect server
 

@@ -6,6 +6,7 @@ milliseconds and names the offending files instead of failing half-way through a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -143,6 +144,16 @@ def iter_tensors(path: Path, keys: Sequence[str] | None = None) -> Iterator[tupl
                 yield key, f.get_tensor(key)
     except SafetensorError as err:
         raise CheckpointError(f"{path}: cannot read tensors ({err}); the file is damaged, fetch it again") from err
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 of the tensors alone (names, dtypes, shapes, bytes, in key order). Equal weights give equal
+    digests whatever the file's metadata, whose order safetensors does not keep stable across processes."""
+    digest = hashlib.sha256()
+    for key, tensor in iter_tensors(Path(path), sorted(read_header(Path(path)))):
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
 
 
 def load_state_dict(path: Path) -> StateDict:

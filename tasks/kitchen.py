@@ -14,7 +14,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from soups.checkpoint import Ingredient
+from soups.checkpoint import Ingredient, weights_digest
 from soups.config import PipelineConfig
 from soups.kitchen import Candidate, KitchenSetup, cook_recipe, prepare, score_ingredients
 from tasks.tracking import PARENT_RUN_TAG, client_for, ingredients_model_name, local_artifact, sha256_of, tracked_run
@@ -182,21 +182,22 @@ def register_candidates(
     workdir: Path,
 ) -> list[RegisteredCandidate]:
     """Each promotable model (soups, best single, best WiSE-FT) as a version of the registered model
-    ``<experiment>``; a model whose weights are already registered (same sha256) keeps its version."""
+    ``<experiment>``; a model whose weights are already registered (same weights digest) keeps its version."""
     client = client_for(config.tracking)
     existing = {
-        v.tags.get("sha256"): str(v.version) for v in client.search_model_versions(f"name='{config.experiment}'")
+        v.tags.get("weights_sha256"): str(v.version)
+        for v in client.search_model_versions(f"name='{config.experiment}'")
     }
     versions_by_name = {r.name: r.version for r in refs}
     setup = kitchen_setup(config, pretrained, workdir)
     registered = []
     for candidate in promotable(candidates):
-        digest = sha256_of(candidate.checkpoint)
+        digest = weights_digest(candidate.checkpoint)
         version = existing.get(digest)
         if version is None:
             lineage = {
                 "recipe": candidate.recipe,
-                "sha256": digest,
+                "weights_sha256": digest,
                 "study": config.study_name,
                 "ingredient_versions": ",".join(versions_by_name.get(n, n) for n in candidate.ingredients),
                 "heldout": repr(candidate.scores["heldout"]),

@@ -11,6 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from flows.kitchen import kitchen_flow
 from flows.pipeline import pipeline_flow
 from flows.promote import promote_flow
 from flows.sweep import sweep_flow
@@ -87,7 +88,10 @@ def test_soups_are_registered_with_lineage_and_the_champion_predicts(first_run):
     config, result = first_run
     client = _client(config)
     soups = _versions(client, EXPERIMENT, config.study_name)
-    assert {v.tags["recipe"] for v in soups} >= {"uniform", "greedy", "learned", "learned_by_layer", "best", "wise_ft"}
+    assert {v.tags["recipe"] for v in soups} >= {"uniform", "learned", "learned_by_layer", "best"}
+    registered = result["kitchen"]["registered"]
+    assert {r["recipe"] for r in registered} >= {"uniform", "greedy", "learned", "learned_by_layer", "best", "wise_ft"}
+    assert {r["version"] for r in registered} == {str(v.version) for v in soups}, "identical weights share a version"
     ingredient_versions = {str(v.version) for v in _versions(client, f"{EXPERIMENT}-ingredients", config.study_name)}
     uniform = next(v for v in soups if v.tags["recipe"] == "uniform")
     assert set(uniform.tags["ingredient_versions"].split(",")) == ingredient_versions
@@ -112,6 +116,16 @@ def test_promotion_is_idempotent(first_run):
     decision = promote_flow(config)
     assert "unchanged" in decision["outcome"]
     assert client.get_model_version_by_alias(EXPERIMENT, "champion").version == before
+
+
+def test_recooking_the_same_ingredients_registers_nothing_new(first_run):
+    config, result = first_run
+    client = _client(config)
+    before = sorted(int(v.version) for v in client.search_model_versions(f"name='{EXPERIMENT}'"))
+    again = kitchen_flow(config, result["pretrained"])
+    after = sorted(int(v.version) for v in client.search_model_versions(f"name='{EXPERIMENT}'"))
+    assert after == before, "identical weights keep their registered version"
+    assert "unchanged" in again["promotion"]["outcome"]
 
 
 def test_a_worse_run_leaves_the_champion_and_sets_a_challenger(first_run):

@@ -70,3 +70,15 @@ def test_ingredient_order_does_not_matter(tmp_path_factory, order):
     (shuffled,) = cook("uniform", [ingredients[i] for i in order])
     for key in ("layer.weight", "layer.bias", "norm.scale"):
         assert torch.allclose(reference.state_dict[key], shuffled.state_dict[key], atol=1e-6, rtol=1e-6)
+
+
+def test_weights_digest_ignores_metadata_but_not_weights(tmp_path):
+    from soups.checkpoint import save_state_dict, weights_digest
+
+    state_dict = random_state_dict(3, torch.bfloat16)
+    a = save_state_dict(state_dict, tmp_path / "a.safetensors", {"recipe": "x", "ingredients": "1,2"})
+    b = save_state_dict(dict(reversed(state_dict.items())), tmp_path / "b.safetensors", {"other": "y"})
+    assert weights_digest(a) == weights_digest(b)
+    state_dict["layer.bias"] = state_dict["layer.bias"] + 1
+    c = save_state_dict(state_dict, tmp_path / "c.safetensors")
+    assert weights_digest(c) != weights_digest(a)

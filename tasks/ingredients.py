@@ -56,82 +56,93 @@ def train_ingredient(
     """Fine-tune with the sampled params; a failure marks the MLflow run failed, registers nothing, re-raises."""
     import optuna
 
-    from soups.train import EpochReport, finetune
-
     started = time.perf_counter()
     client = client_for(config.tracking)
-    finetune_config = config.finetune_config(params, pretrained)
-    run = client.create_run(
-        ref.experiment_id,
-        run_name=f"trial-{ref.number}",
-        tags={
-            PARENT_RUN_TAG: ref.parent_run_id,
-            "kind": "ingredient",
-            "study": ref.study_name,
-            "trial_number": str(ref.number),
-        },
-    )
-    run_id = run.info.run_id
+    tags = {
+        PARENT_RUN_TAG: ref.parent_run_id,
+        "kind": "ingredient",
+        "study": ref.study_name,
+        "trial_number": str(ref.number),
+    }
+    run = client.create_run(ref.experiment_id, run_name=f"trial-{ref.number}", tags=tags)
     try:
-        log_params(
-            client, run_id, {**flat_params(finetune_config.model_dump(mode="json")), **flat_params(params, "sampled.")}
-        )
-        _log_dataset(client, run_id, config)
-        trial = open_trial(ref.storage, ref.study_name, ref.trial_id, config.sweep.pruning)
-
-        def on_epoch(report: EpochReport) -> None:
-            for key in ("train_loss", "heldout_accuracy", "heldout_loss"):
-                client.log_metric(run_id, key, getattr(report, key), step=report.epoch)
-            trial.report(report.heldout_accuracy, report.epoch)
-            print(
-                f"trial {ref.number}: epoch {report.epoch}/{finetune_config.train.epochs} "
-                f"held-out accuracy {report.heldout_accuracy:.3f}"
-            )
-            if config.sweep.pruning and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {report.epoch}")
-
-        checkpoint = ref.checkpoint_dir / f"{ref.study_name}-trial-{ref.number}.safetensors"
-        train_started = time.perf_counter()
-        result = finetune(finetune_config, checkpoint, on_epoch=on_epoch)
-        train_seconds = time.perf_counter() - train_started
-        for key, value in result.metrics.items():
-            client.log_metric(run_id, key, value)
-        client.log_artifact(run_id, str(checkpoint), "checkpoint")
-        digest = sha256_of(checkpoint)
-        if not still_running(trial):
-            raise RuntimeError(f"trial {ref.number} was ended by the sweep while training; not registering it")
-        version = client.create_model_version(
-            ingredients_model_name(config),
-            source=f"{run.info.artifact_uri}/checkpoint",
-            run_id=run_id,
-            tags={
-                "study": ref.study_name,
-                "trial_number": str(ref.number),
-                "heldout_accuracy": repr(result.metrics["heldout_accuracy"]),
-                "sha256": digest,
-                "checkpoint": checkpoint.name,
-                "model_name": config.model.name,
-            },
-        )
-        outcome = TrialOutcome(
-            number=ref.number,
-            value=result.metrics["heldout_accuracy"],
-            run_id=run_id,
-            version=str(version.version),
-            checkpoint=checkpoint,
-            train_function_seconds=train_seconds,
-            task_seconds=time.perf_counter() - started,
-        )
-        client.set_terminated(run_id, "FINISHED")
+        outcome = _train_and_register(client, run, config, ref, params, pretrained)
     except optuna.TrialPruned as pruned:
-        client.set_tag(run_id, "pruned", str(pruned))
-        client.set_terminated(run_id, "KILLED")
+        client.set_tag(run.info.run_id, "pruned", str(pruned))
+        client.set_terminated(run.info.run_id, "KILLED")
         raise
     except BaseException as err:
-        client.set_tag(run_id, "failure_reason", f"{type(err).__name__}: {err}"[:5000])
-        client.set_terminated(run_id, "FAILED")
+        client.set_tag(run.info.run_id, "failure_reason", f"{type(err).__name__}: {err}"[:5000])
+        client.set_terminated(run.info.run_id, "FAILED")
         raise
-    return outcome
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return outcome.model_copy(update={"task_seconds": time.perf_counter() - started})
+
+
+def _train_and_register(
+    client, run, config: PipelineConfig, ref: TrialRef, params: dict[str, Any], pretrained: str | None
+) -> TrialOutcome:
+    from soups.train import finetune
+
+    run_id = run.info.run_id
+    finetune_config = config.finetune_config(params, pretrained)
+    flat = {**flat_params(finetune_config.model_dump(mode="json")), **flat_params(params, "sampled.")}
+    log_params(client, run_id, flat)
+    _log_dataset(client, run_id, config)
+    trial = open_trial(ref.storage, ref.study_name, ref.trial_id, config.sweep.pruning)
+    checkpoint = ref.checkpoint_dir / f"{ref.study_name}-trial-{ref.number}.safetensors"
+    train_started = time.perf_counter()
+    result = finetune(
+        finetune_config,
+        checkpoint,
+        on_epoch=_epoch_reporter(client, run_id, trial, ref, config, finetune_config.train.epochs),
+    )
+    train_seconds = time.perf_counter() - train_started
+    for key, value in result.metrics.items():
+        client.log_metric(run_id, key, value)
+    client.log_artifact(run_id, str(checkpoint), "checkpoint")
+    digest = sha256_of(checkpoint)
+    if not still_running(trial):
+        raise RuntimeError(f"trial {ref.number} was ended by the sweep while training; not registering it")
+    version = client.create_model_version(
+        ingredients_model_name(config),
+        source=f"{run.info.artifact_uri}/checkpoint",
+        run_id=run_id,
+        tags={
+            "study": ref.study_name,
+            "trial_number": str(ref.number),
+            "heldout_accuracy": repr(result.metrics["heldout_accuracy"]),
+            "sha256": digest,
+            "checkpoint": checkpoint.name,
+            "model_name": config.model.name,
+        },
+    )
+    return TrialOutcome(
+        number=ref.number,
+        value=result.metrics["heldout_accuracy"],
+        run_id=run_id,
+        version=str(version.version),
+        checkpoint=checkpoint,
+        train_function_seconds=train_seconds,
+        task_seconds=0.0,
+    )
+
+
+def _epoch_reporter(client, run_id: str, trial, ref: TrialRef, config: PipelineConfig, epochs: int):
+    """Per-epoch metrics to MLflow and Optuna, progress to the log, and pruning when enabled."""
+    import optuna
+
+    from soups.train import EpochReport
+
+    def report(epoch: EpochReport) -> None:
+        for key in ("train_loss", "heldout_accuracy", "heldout_loss"):
+            client.log_metric(run_id, key, getattr(epoch, key), step=epoch.epoch)
+        trial.report(epoch.heldout_accuracy, epoch.epoch)
+        print(f"trial {ref.number}: epoch {epoch.epoch}/{epochs} held-out accuracy {epoch.heldout_accuracy:.3f}")
+        if config.sweep.pruning and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch.epoch}")
+
+    return report
 
 
 def _log_dataset(client, run_id: str, config: PipelineConfig) -> None:

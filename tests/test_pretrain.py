@@ -38,7 +38,7 @@ def pretrained_tiny(tmp_path_factory: pytest.TempPathFactory, digits: DatasetBun
 def test_short_pretraining_beats_chance_by_a_clear_margin(pretrained_tiny: PretrainResult) -> None:
     chance = 1 / 10
     assert pretrained_tiny.zero_shot_accuracy > chance + 0.2
-    assert pretrained_tiny.checkpoint.is_file() and pretrained_tiny.seconds > 0
+    assert pretrained_tiny.checkpoint.is_file()
     assert not list(pretrained_tiny.checkpoint.parent.glob(".*.tmp"))  # written atomically, nothing left
 
 

@@ -10,10 +10,8 @@
    The speed-up of (2) over (3) is printed per evaluation and for ``--candidates`` models, where the cached
    path pays one decode of the split up front.
 
-``--gpu-compare`` (CUDA only; on CPU it says so and exits 0) times a local training loop that mirrors
-train.py's step (channels-last, pinned memory, AdamW, cosine schedule, grad clipping, cross-entropy; the
-default config has no mixup or RandAugment) with bf16 autocast on and off; same loop for both, so only the
-autocast differs. One warm-up epoch is excluded from each timing.
+``--gpu-compare`` (CUDA only; on CPU it says so and exits 0) runs finetune() with ``TrainConfig.bf16`` off
+and on and compares its training images/s (best of ``--repeats``).
 
     .venv/bin/python benchmarks/train.py [--model soups-vit-tiny] [--device auto] [--repeats 3] [--gpu-compare]
 """
@@ -21,18 +19,16 @@ autocast differs. One warm-up epoch is excluded from each timing.
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 from soups.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 from soups.evaluate import Preprocess, bundle_for, decode, decoded_split, evaluate, split_of
 from soups.runtime import resolve_device, use_cores
-from soups.train import finetune, warmup_cosine, zero_shot_classifier
+from soups.train import finetune, zero_shot_classifier
 
 
 def best_of(repeats: int, run) -> float:
@@ -62,51 +58,20 @@ def naive_evaluate(model, dataset, preprocess: Preprocess, batch_size: int, devi
     return correct / len(dataset)
 
 
-def train_images_per_second(config: FinetuneConfig, device: torch.device, autocast: bool) -> float:
-    """train.py's step in a local loop with autocast on or off; images/s after one warm-up epoch."""
-    train = config.train
-    torch.manual_seed(train.seed)
-    classifier = zero_shot_classifier(config, device).to(memory_format=torch.channels_last)
-    preprocess = Preprocess.of(classifier)
-    data = decoded_split(config.data, "train", preprocess)
-    images, labels = data.images.pin_memory(), data.labels.pin_memory()
-    steps = math.ceil(len(data) / train.batch_size) * (train.epochs + 1)
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, steps))
-    generator = torch.Generator().manual_seed(train.seed)
-    classifier.train()
-    started = 0.0
-    for epoch in range(train.epochs + 1):
-        if epoch == 1:
-            torch.cuda.synchronize(device)
-            started = time.perf_counter()
-        order = torch.randperm(len(data), generator=generator)
-        for start in range(0, len(order), train.batch_size):
-            index = order[start : start + train.batch_size]
-            batch = preprocess.normalize(images[index].to(device, non_blocking=True))
-            batch = batch.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                logits = classifier(batch).float()
-            loss = F.cross_entropy(logits, labels[index].to(device, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(classifier.parameters(), train.grad_clip)
-            optimizer.step()
-            schedule.step()
-    torch.cuda.synchronize(device)
-    return len(data) * train.epochs / (time.perf_counter() - started)
-
-
 def gpu_compare(config: FinetuneConfig, device: torch.device, repeats: int) -> None:
+    """finetune() itself with bf16 autocast on and off (TrainConfig.bf16): the only difference between runs."""
     if device.type != "cuda":
         print("--gpu-compare needs CUDA (bf16 autocast is only used there); nothing to compare on CPU")
         return
     print(f"GPU: {torch.cuda.get_device_name(device)}; TF32 matmul allowed: {torch.backends.cuda.matmul.allow_tf32}")
-    fp32 = max(train_images_per_second(config, device, autocast=False) for _ in range(repeats))
-    bf16 = max(train_images_per_second(config, device, autocast=True) for _ in range(repeats))
-    print(f"fine-tuning, autocast off (fp32): {fp32:9.1f} images/s")
-    print(f"fine-tuning, autocast bf16:       {bf16:9.1f} images/s  ({bf16 / fp32:.2f}x)")
+    speeds = {}
+    with tempfile.TemporaryDirectory(prefix="soups-bench-") as tmp:
+        for bf16 in (False, True):
+            variant = config.model_copy(update={"train": config.train.model_copy(update={"bf16": bf16})})
+            runs = [finetune(variant, Path(tmp) / "gpu.safetensors").metrics for _ in range(repeats)]
+            speeds[bf16] = max(m["train_images_per_second"] for m in runs)
+    print(f"fine-tuning, fp32:             {speeds[False]:9.1f} images/s")
+    print(f"fine-tuning, bf16 autocast:    {speeds[True]:9.1f} images/s  ({speeds[True] / speeds[False]:.2f}x)")
 
 
 def main() -> None:

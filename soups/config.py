@@ -55,6 +55,7 @@ class TrainConfig(_Section):
     randaugment_n: int = Field(0, ge=0, le=4, description="RandAugment ops per image; 0 turns it off.")
     seed: int = 0
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'.")
+    bf16: bool = Field(True, description="bfloat16 autocast for training on CUDA (ignored on CPU).")
     threads: int | None = Field(None, ge=1, description="CPU threads for this run (default: all cores).")
     eval_batch_size: int = Field(512, ge=1)
 

@@ -177,7 +177,7 @@ def _step_loss(
         lam = float(torch.distributions.Beta(train.mixup_alpha, train.mixup_alpha).sample())
         perm = torch.randperm(len(labels), generator=generator).to(images.device)
         images = lam * images + (1 - lam) * images[perm]
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda" and train.bf16):
         logits = classifier(images).float()
     loss = F.cross_entropy(logits, labels, label_smoothing=train.label_smoothing)
     if mixing:

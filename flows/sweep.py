@@ -45,8 +45,7 @@ def _run_trials(
     base = config.model_copy(update={"train": config.train.model_copy(update={"threads": threads})})
     checkpoint_dir = (config.tracking.root / "checkpoints").resolve()
     progress = create_progress_artifact(0.0, description=f"trials of study {config.study_name}")
-    in_flight: dict[PrefectFuture, optuna.Trial] = {}
-    submitted: dict[int, float] = {}
+    in_flight: dict[PrefectFuture, tuple[optuna.Trial, float]] = {}  # trial and when it was submitted
     outcomes: list[TrialOutcome] = []
     failures: dict[int, str] = {}
     asked = 0
@@ -66,18 +65,17 @@ def _run_trials(
                     parent_run_id=parent_run_id,
                     checkpoint_dir=checkpoint_dir,
                 )
-                submitted[trial.number] = time.perf_counter()
-                in_flight[train_ingredient.submit(base, ref, params, pretrained)] = trial
+                in_flight[train_ingredient.submit(base, ref, params, pretrained)] = (trial, time.perf_counter())
                 asked += 1
             future = next(as_completed(list(in_flight)))
-            trial = in_flight[future]
-            _tell(study, trial, future, outcomes, failures, time.perf_counter() - submitted[trial.number])
+            trial, submitted = in_flight[future]
+            _tell(study, trial, future, outcomes, failures, time.perf_counter() - submitted)
             del in_flight[future]  # only once told: an interrupted tell is retried as FAIL below
             done = len(outcomes) + len(failures)
             update_progress_artifact(progress, 100.0 * done / config.sweep.n_trials)
             print(f"trials done {done}/{config.sweep.n_trials} ({len(failures)} failed or pruned)")
     finally:
-        for trial in in_flight.values():
+        for trial, _ in in_flight.values():
             study.tell(trial, state=TrialState.FAIL)
     return outcomes, failures
 

@@ -37,6 +37,15 @@ class Candidate:
         return self.checkpoint is not None
 
 
+def promotable(candidates: list[Candidate]) -> list[Candidate]:
+    """Single-model candidates other than raw ingredients; of the WiSE-FT sweep only its best α by held-out."""
+    chosen = [c for c in candidates if c.is_single_model and c.recipe not in ("ingredient", "wise_ft")]
+    wise = [c for c in candidates if c.recipe == "wise_ft"]
+    if wise:
+        chosen.append(max(wise, key=lambda c: c.scores["heldout"]))
+    return chosen
+
+
 @dataclass
 class KitchenSetup:
     evaluator: Evaluator

@@ -23,7 +23,6 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
 from soups.checkpoint import CheckpointError, load_state_dict, save_state_dict
@@ -32,7 +31,6 @@ Transform = Callable[[Any], torch.Tensor]
 """An image transform: PIL image in, normalised [3, H, W] tensor out."""
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-DEFAULT_MODEL = "soups-vit-tiny"
 LOCAL_DIR_PREFIX = "local-dir:"
 CHECKPOINT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
 _HUB_PROBE_TIMEOUT_S = 2.0
@@ -108,11 +106,6 @@ class ClipClassifier(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.head.out_features
-
-    def transforms(self) -> tuple[Transform, Transform]:
-        """(train, eval) transforms matching the encoder's preprocessing (size, mean, std)."""
-        cfg = PreprocessCfg(**getattr(self.visual, "preprocess_cfg", {}))
-        return image_transform_v2(cfg, is_train=True), image_transform_v2(cfg, is_train=False)
 
 
 # ------------------------------------------------------------------------------- pretrained weights
@@ -319,13 +312,13 @@ def build_classifier(
     classnames: Sequence[str],
     templates: Sequence[str],
     device: str | torch.device = "cpu",
-) -> tuple[ClipClassifier, Transform, Transform]:
-    """Zero-shot classifier (eval mode) plus the model's (train, eval) image transforms."""
-    model, train_tf, eval_tf, tokenizer_name = create_clip(model_name, pretrained, device)
+) -> ClipClassifier:
+    """Zero-shot classifier in eval mode; its preprocessing is read off it with `soups.evaluate.Preprocess.of`."""
+    model, _, _, tokenizer_name = create_clip(model_name, pretrained, device)
     tokenizer = open_clip.get_tokenizer(tokenizer_name)
     classifier = classifier_from_clip(model, tokenizer, classnames, templates, model_name)
     del model  # the text tower goes with it; only `visual` survives inside the classifier
-    return classifier, train_tf, eval_tf
+    return classifier
 
 
 def empty_classifier(model_name: str, num_classes: int, device: str | torch.device = "cpu") -> ClipClassifier:

@@ -166,6 +166,6 @@ def pretrain(
 
 def zero_shot_accuracy(model_name: str, checkpoint: Path, bundle: DatasetBundle, device: str | torch.device) -> float:
     """Held-out accuracy of the zero-shot classifier built from ``checkpoint``."""
-    classifier, _, _ = build_classifier(model_name, str(checkpoint), bundle.classnames, bundle.templates, device)
+    classifier = build_classifier(model_name, str(checkpoint), bundle.classnames, bundle.templates, device)
     preprocess = Preprocess.of(classifier)
     return evaluate(classifier, decode(bundle.heldout, preprocess), preprocess, device=device).accuracy

@@ -71,7 +71,7 @@ def _zero_shot_start(model_json: str, data_json: str, device: str) -> ClipClassi
     bundle = bundle_for(DataConfig.model_validate_json(data_json))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        classifier, _, _ = build_classifier(model.name, model.pretrained, bundle.classnames, bundle.templates, device)
+        classifier = build_classifier(model.name, model.pretrained, bundle.classnames, bundle.templates, device)
     return classifier
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from soups.checkpoint import Ingredient, weights_digest
 from soups.config import PipelineConfig
-from soups.kitchen import Candidate, KitchenSetup, cook_recipe, prepare, score_ingredients
+from soups.kitchen import Candidate, KitchenSetup, cook_recipe, prepare, promotable, score_ingredients
 from tasks.tracking import PARENT_RUN_TAG, client_for, ingredients_model_name, local_artifact, sha256_of, tracked_run
 
 
@@ -130,8 +130,7 @@ def log_kitchen_report(config: PipelineConfig, run_id: str, candidates: list[Can
     from soups.report import accuracy_vs_shift_figure, greedy_trajectory_figure, leaderboard, mixing_weights_figure
 
     client = client_for(config.tracking)
-    shifts = kitchen_setup_shifts(candidates)
-    board = leaderboard(candidates, shifts)
+    board = leaderboard(candidates)
     csv_path = Path(workdir) / "leaderboard.csv"
     board.to_csv(csv_path, index=False)
     client.log_artifact(run_id, str(csv_path))
@@ -156,12 +155,6 @@ def log_kitchen_report(config: PipelineConfig, run_id: str, candidates: list[Can
         client.log_figure(run_id, figure, name)
         plt.close(figure)
     return board.to_dict("records")
-
-
-def kitchen_setup_shifts(candidates: list[Candidate]) -> list[str]:
-    """Shift-set names, read off the score rows (everything that is not a fixed column)."""
-    fixed = {"heldout", "heldout_loss", "test", "shift_mean"}
-    return [k for k in candidates[0].scores if k not in fixed]
 
 
 class RegisteredCandidate(BaseModel):
@@ -209,15 +202,6 @@ def register_candidates(
         )
         print(f"{candidate.name} is version {version} of {config.experiment}")
     return registered
-
-
-def promotable(candidates: list[Candidate]) -> list[Candidate]:
-    """Single-model candidates other than raw ingredients; of the WiSE-FT sweep only its best α by held-out."""
-    chosen = [c for c in candidates if c.is_single_model and c.recipe not in ("ingredient", "wise_ft")]
-    wise = [c for c in candidates if c.recipe == "wise_ft"]
-    if wise:
-        chosen.append(max(wise, key=lambda c: c.scores["heldout"]))
-    return chosen
 
 
 _TAG_LIMIT = 5000

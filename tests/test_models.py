@@ -105,16 +105,20 @@ def test_classifier_state_dict_is_visual_plus_head_with_clip_keys(
     assert not any(k.startswith(("text", "token_embedding", "transformer.")) for k in keys)
 
 
-def test_build_classifier_returns_eval_mode_classifier_and_transforms() -> None:
-    classifier, train_tf, eval_tf = build_classifier(TINY, None, CLASSES, TEMPLATES)
-    assert isinstance(classifier, ClipClassifier) and not classifier.training
-    assert classifier.num_classes == len(CLASSES) and classifier.model_name == TINY
+def test_build_classifier_returns_eval_mode_classifier_whose_preprocessing_matches_open_clip() -> None:
     from PIL import Image
 
-    image = Image.new("RGB", (32, 32), (255, 255, 255))
-    assert train_tf(image).shape == eval_tf(image).shape == (3, 32, 32)
-    own_train, own_eval = classifier.transforms()
-    torch.testing.assert_close(own_eval(image), eval_tf(image))
+    from soups.evaluate import Preprocess
+
+    classifier = build_classifier(TINY, None, CLASSES, TEMPLATES)
+    assert isinstance(classifier, ClipClassifier) and not classifier.training
+    assert classifier.num_classes == len(CLASSES) and classifier.model_name == TINY
+    _, _, open_clip_eval = open_clip.create_model_and_transforms(TINY)
+    preprocess = Preprocess.of(classifier)
+    image = Image.new("RGB", (32, 32), (255, 200, 40))
+    ours = preprocess.normalize(preprocess.decode_transform()(image).unsqueeze(0))[0]
+    assert ours.shape == (3, 32, 32)
+    torch.testing.assert_close(ours, open_clip_eval(image), atol=1e-5, rtol=0)
 
 
 def test_load_classifier_round_trip_gives_identical_logits(
@@ -197,8 +201,8 @@ def test_full_clip_file_and_local_dir_give_the_same_classifier(
 ) -> None:
     path = save_state_dict(tiny_clip.state_dict(), tmp_path / "open_clip_model.safetensors")
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": models.model_config(TINY)}))
-    from_file, _, _ = build_classifier(TINY, str(path), CLASSES, TEMPLATES)
-    from_dir, _, _ = build_classifier(TINY, f"local-dir:{tmp_path}", CLASSES, TEMPLATES)
+    from_file = build_classifier(TINY, str(path), CLASSES, TEMPLATES)
+    from_dir = build_classifier(TINY, f"local-dir:{tmp_path}", CLASSES, TEMPLATES)
     x = _images()
     with torch.no_grad():
         torch.testing.assert_close(from_file(x), tiny_classifier(x))

@@ -46,7 +46,7 @@ def test_reported_accuracy_is_heldout_zero_shot_of_the_saved_file(
     pretrained_tiny: PretrainResult, digits: DatasetBundle
 ) -> None:
     checkpoint = str(pretrained_tiny.checkpoint)
-    classifier, _, _ = build_classifier(TINY, checkpoint, digits.classnames, digits.templates)
+    classifier = build_classifier(TINY, checkpoint, digits.classnames, digits.templates)
     preprocess = Preprocess.of(classifier)
     heldout = evaluate(classifier, decode(digits.heldout, preprocess), preprocess)
     assert heldout.accuracy == pytest.approx(pretrained_tiny.zero_shot_accuracy)

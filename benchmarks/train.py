@@ -2,9 +2,10 @@
 
 1. Fine-tuning: `soups.train.finetune` from random init (model.pretrained null, so no pretraining), default
    FinetuneConfig otherwise. Reports finetune()'s own ``train_images_per_second`` (training loop plus the
-   per-epoch held-out evaluation) and images/s over the wall time of the whole call (model build, zero-shot
-   evaluation, saving; the first run also decodes the splits). Best of ``--repeats`` runs.
-2. Evaluation on the held-out split from the cached decoded uint8 tensors (`decoded_split` + `evaluate`).
+   per-epoch held-out evaluation) and images/s over the wall time of the whole call (copying the shared
+   start, zero-shot evaluation, saving; `prepare_finetune` decoded the splits once before). Best of
+   ``--repeats`` runs.
+2. Evaluation on the held-out split from the decoded uint8 tensors (`prepare_finetune`, then `evaluate`).
 3. The same evaluation as a naive loop would do it: read every PIL image of the dataset, apply the model's
    eval transform (`Preprocess.decode_transform()` + normalise), batch, forward; accuracy must match (2).
    The speed-up of (2) over (3) is printed per evaluation and for ``--candidates`` models, where the cached
@@ -26,9 +27,10 @@ from pathlib import Path
 import torch
 
 from soups.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
-from soups.evaluate import Preprocess, bundle_for, decode, decoded_split, evaluate, split_of
+from soups.data import load_dataset
+from soups.evaluate import Preprocess, decode, evaluate
 from soups.runtime import resolve_device, use_cores
-from soups.train import finetune, zero_shot_classifier
+from soups.train import FinetuneInputs, finetune, prepare_finetune
 
 
 def best_of(repeats: int, run) -> float:
@@ -58,7 +60,7 @@ def naive_evaluate(model, dataset, preprocess: Preprocess, batch_size: int, devi
     return correct / len(dataset)
 
 
-def gpu_compare(config: FinetuneConfig, device: torch.device, repeats: int) -> None:
+def gpu_compare(config: FinetuneConfig, inputs: FinetuneInputs, device: torch.device, repeats: int) -> None:
     """finetune() itself with bf16 autocast on and off (TrainConfig.bf16): the only difference between runs."""
     if device.type != "cuda":
         print("--gpu-compare needs CUDA (bf16 autocast is only used there); nothing to compare on CPU")
@@ -68,7 +70,7 @@ def gpu_compare(config: FinetuneConfig, device: torch.device, repeats: int) -> N
     with tempfile.TemporaryDirectory(prefix="soups-bench-") as tmp:
         for bf16 in (False, True):
             variant = config.model_copy(update={"train": config.train.model_copy(update={"bf16": bf16})})
-            runs = [finetune(variant, Path(tmp) / "gpu.safetensors").metrics for _ in range(repeats)]
+            runs = [finetune(variant, inputs, Path(tmp) / "gpu.safetensors").metrics for _ in range(repeats)]
             speeds[bf16] = max(m["train_images_per_second"] for m in runs)
     print(f"fine-tuning, fp32:             {speeds[False]:9.1f} images/s")
     print(f"fine-tuning, bf16 autocast:    {speeds[True]:9.1f} images/s  ({speeds[True] / speeds[False]:.2f}x)")
@@ -95,15 +97,16 @@ def main() -> None:
     threads = use_cores(config.train.threads)
     autocast = "on (bf16, CUDA)" if device.type == "cuda" else "off (train.py autocasts on CUDA only)"
     print(f"model {args.model} (random init), {data.name}, device {device}, {threads} CPU threads, autocast {autocast}")
+    inputs = prepare_finetune(config.model, config.data, device)  # shared by every run, as in a sweep
     if args.gpu_compare:
-        gpu_compare(config, device, args.repeats)
+        gpu_compare(config, inputs, device, args.repeats)
         return
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="soups-bench-") as tmp:
         for _ in range(args.repeats):
             started = time.perf_counter()
-            result = finetune(config, Path(tmp) / "ingredient.safetensors")
+            result = finetune(config, inputs, Path(tmp) / "ingredient.safetensors")
             runs.append((time.perf_counter() - started, result.metrics))
     seen = round(runs[0][1]["train_images_per_second"] * runs[0][1]["train_seconds"])  # train images x epochs
     wall = min(seconds for seconds, _ in runs)
@@ -112,10 +115,8 @@ def main() -> None:
     print(f"  train_images_per_second (loop + per-epoch eval): {loop:9.1f} images/s")
     print(f"  whole finetune() call ({wall:.2f}s):               {seen / wall:9.1f} images/s")
 
-    classifier = zero_shot_classifier(config, device)
-    preprocess = Preprocess.of(classifier)
-    heldout = decoded_split(config.data, "heldout", preprocess)
-    dataset = split_of(bundle_for(config.data), "heldout")
+    classifier, preprocess, heldout = inputs.start, inputs.preprocess, inputs.heldout
+    dataset = load_dataset(config.data).heldout
     batch = config.train.eval_batch_size
     cached_acc = evaluate(classifier, heldout, preprocess, batch_size=batch, device=device).accuracy
     naive_acc = naive_evaluate(classifier, dataset, preprocess, batch, device)

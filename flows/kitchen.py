@@ -1,26 +1,27 @@
-"""The soup kitchen flow: gather registered ingredients, cook every configured recipe and baseline,
-evaluate in and out of distribution, report, register the soups and promote the best."""
+"""The kitchen flow: gather registered ingredients, cook every configured recipe and baseline, evaluate in
+and out of distribution, report, register the soups and promote the best."""
 
 from __future__ import annotations
 
 from prefect import flow
 
 from soups.config import PipelineConfig
-from tasks.kitchen import (
+from soups.cooking import prepare_cooking
+from soups.pretrain import with_resolved_start
+from tasks.adapters.tracking import client_for, ensure_experiment, tracked_run
+from tasks.cooking import (
     cook_task,
     gather_ingredients,
     log_kitchen_report,
     register_candidates,
     score_ingredients_task,
 )
-from tasks.pretraining import resolve_pretrained
 from tasks.promotion import promote
-from tasks.tracking import client_for, ensure_experiment, tracked_run
 
 
 @flow(name="kitchen", log_prints=True)
-def kitchen_flow(config: PipelineConfig, pretrained: str | None = None) -> dict:
-    pretrained = pretrained or resolve_pretrained(config)
+def kitchen_flow(config: PipelineConfig) -> dict:
+    config = with_resolved_start(config)
     experiment_id = ensure_experiment(config)
     client = client_for(config.tracking)
     tags = {"kind": "kitchen", "study": config.study_name}
@@ -28,13 +29,14 @@ def kitchen_flow(config: PipelineConfig, pretrained: str | None = None) -> dict:
         workdir = (config.tracking.root / "kitchen" / run_id).resolve()
         refs = gather_ingredients(config, workdir / "ingredients")
         client.log_param(run_id, "ingredient_versions", ",".join(r.version for r in refs))
-        candidates = score_ingredients_task(config, refs, pretrained, workdir)
+        setup = prepare_cooking(config, workdir)
+        candidates = score_ingredients_task(setup, refs)
         heldout_scores = {c.name: c.scores["heldout"] for c in candidates}
-        for recipe in config.kitchen.recipes:
-            candidates += cook_task(config, recipe, refs, heldout_scores, pretrained, workdir)
+        for choice in config.kitchen.recipes:
+            candidates += cook_task(setup, choice, refs, heldout_scores, workdir / "soups")
         board = log_kitchen_report(config, run_id, candidates, workdir)
-        registered = register_candidates(config, experiment_id, run_id, candidates, refs, pretrained, workdir)
-        decision = promote(config, run_id, registered, pretrained, workdir)
+        registered = register_candidates(config, experiment_id, run_id, candidates, refs, setup, workdir)
+        decision = promote(config, run_id, registered, setup, workdir)
     return {
         "run_id": run_id,
         "leaderboard": board,

@@ -12,9 +12,9 @@ from tasks.pretraining import pretrain_task
 
 @flow(name="soup-pipeline", log_prints=True)
 def pipeline_flow(config: PipelineConfig) -> dict:
-    pretrained = pretrain_task(config)
-    sweep = sweep_flow(config, pretrained)
+    config = pretrain_task(config)
+    sweep = sweep_flow(config)
     if not sweep["finished"]:
         raise RuntimeError(f"no trial of study {config.study_name!r} finished; failures: {sweep['failed']}")
-    kitchen = kitchen_flow(config, pretrained)
-    return {"pretrained": pretrained, "sweep": sweep, "kitchen": kitchen}
+    kitchen = kitchen_flow(config)
+    return {"pretrained": config.model.pretrained, "sweep": sweep, "kitchen": kitchen}

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from prefect import flow
 
-from soups.checkpoint import load_state_dict
 from soups.config import PipelineConfig
-from tasks.kitchen import RegisteredCandidate, kitchen_setup
-from tasks.pretraining import resolve_pretrained
-from tasks.promotion import download_weights, promote
-from tasks.tracking import client_for, ensure_experiment, tracked_run
+from soups.cooking import prepare_cooking
+from soups.pretrain import with_resolved_start
+from tasks.adapters.tracking import client_for, ensure_experiment, tracked_run
+from tasks.cooking import RegisteredCandidate
+from tasks.promotion import promote, rescore
 
 
 @flow(name="promote", log_prints=True)
-def promote_flow(config: PipelineConfig, pretrained: str | None = None) -> dict:
-    pretrained = pretrained or resolve_pretrained(config)
+def promote_flow(config: PipelineConfig) -> dict:
+    config = with_resolved_start(config)
     experiment_id = ensure_experiment(config)
     client = client_for(config.tracking)
     versions = [
@@ -26,13 +26,13 @@ def promote_flow(config: PipelineConfig, pretrained: str | None = None) -> dict:
         raise ValueError(f"no soups of study {config.study_name!r} in {config.experiment}; run the kitchen first")
     with tracked_run(client, experiment_id, f"promote-{config.study_name}", {"kind": "promotion"}) as run_id:
         workdir = (config.tracking.root / "promote" / run_id).resolve()
-        evaluator = kitchen_setup(config, pretrained, workdir).evaluator
+        setup = prepare_cooking(config, workdir)
         candidates = []
         for version in versions:
-            scores = evaluator.report(load_state_dict(download_weights(config, str(version.version), workdir)))
             recipe = version.tags.get("recipe", "unknown")
+            scores = rescore(client, config, str(version.version), setup, workdir)
             candidates.append(
                 RegisteredCandidate(name=recipe, recipe=recipe, version=str(version.version), scores=scores)
             )
-        decision = promote(config, run_id, candidates, pretrained, workdir)
+        decision = promote(config, run_id, candidates, setup, workdir)
     return decision.model_dump()

@@ -12,21 +12,25 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from soups.config import PipelineConfig
-from soups.runtime import available_cores
-from tasks.ingredients import TrialOutcome, TrialRef, train_ingredient
-from tasks.studies import open_study, sample_params
-from tasks.tracking import client_for, ensure_experiment, tracked_run
+from soups.pretrain import with_resolved_start
+from soups.runtime import available_cores, resolve_device
+from soups.train import FinetuneInputs, prepare_finetune
+from tasks.adapters.studies import open_study, sample_params
+from tasks.adapters.tracking import client_for, ensure_experiment, tracked_run
+from tasks.trial import TrialOutcome, TrialRef, train_ingredient
 
 
 @flow(name="sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
-def sweep_flow(config: PipelineConfig, pretrained: str | None = None) -> dict:
+def sweep_flow(config: PipelineConfig) -> dict:
     """Run ``sweep.n_trials`` more trials of the study; returns what finished, failed and was pruned."""
+    config = with_resolved_start(config)
     experiment_id = ensure_experiment(config)
     study = open_study(config)
     client = client_for(config.tracking)
+    inputs = prepare_finetune(config.model, config.data, resolve_device(config.train.device))
     tags = {"kind": "sweep", "study": config.study_name}
     with tracked_run(client, experiment_id, f"sweep-{config.study_name}", tags) as parent_run_id:
-        outcomes, failures = _run_trials(config, study, experiment_id, parent_run_id, pretrained)
+        outcomes, failures = _run_trials(config, study, experiment_id, parent_run_id, inputs)
         _log_summary(client, parent_run_id, outcomes, failures)
     return {
         "parent_run_id": parent_run_id,
@@ -36,7 +40,7 @@ def sweep_flow(config: PipelineConfig, pretrained: str | None = None) -> dict:
 
 
 def _run_trials(
-    config: PipelineConfig, study: optuna.Study, experiment_id: str, parent_run_id: str, pretrained: str | None
+    config: PipelineConfig, study: optuna.Study, experiment_id: str, parent_run_id: str, inputs: FinetuneInputs
 ) -> tuple[list[TrialOutcome], dict[int, str]]:
     """Ask, submit up to ``parallel`` trial tasks, tell each as it ends. Trials still running when the flow
     is interrupted are told FAIL, so the study never keeps RUNNING ghosts."""
@@ -65,7 +69,7 @@ def _run_trials(
                     parent_run_id=parent_run_id,
                     checkpoint_dir=checkpoint_dir,
                 )
-                in_flight[train_ingredient.submit(base, ref, params, pretrained)] = (trial, time.perf_counter())
+                in_flight[train_ingredient.submit(base, ref, params, inputs)] = (trial, time.perf_counter())
                 asked += 1
             future = next(as_completed(list(in_flight)))
             trial, submitted = in_flight[future]

@@ -6,7 +6,7 @@ Every section has defaults that run offline on a 2-core CPU machine; a YAML file
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,7 +21,8 @@ class ModelConfig(_Section):
     name: str = Field("soups-vit-tiny", description="open_clip architecture name (ours or open_clip's).")
     pretrained: str | None = Field(
         None,
-        description="open_clip pretrained tag, a local checkpoint file, 'local-dir:/dir', or null for random init.",
+        description="open_clip pretrained tag, a local checkpoint file, 'local-dir:/dir', or null: then the flows "
+        "fill in the offline pretrained start (or random init when `pretrain` is null) once, at their entry.",
     )
 
 
@@ -112,31 +113,58 @@ class SweepConfig(_Section):
     study_name: str | None = Field(None, description="Defaults to the experiment name.")
 
 
-KITCHEN_RECIPES = ("uniform", "greedy", "learned", "learned_by_layer", "ensemble", "wise_ft", "best")
+def _all_recipes() -> list[RecipeChoice]:
+    from soups.recipes import RECIPES
+
+    return [RecipeChoice(name=name) for name in RECIPES]
+
+
+class RecipeChoice(_Section):
+    """One recipe to cook and its options, checked against the options the recipe declares (a bare name in
+    YAML keeps every default)."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _declared_options(self) -> RecipeChoice:
+        from soups.recipes import recipe_options
+
+        self.options = recipe_options(self.name, self.options).model_dump(mode="json")
+        return self
 
 
 class KitchenConfig(_Section):
-    recipes: list[str] = Field(
-        default_factory=lambda: ["best", "uniform", "greedy", "learned", "learned_by_layer", "ensemble", "wise_ft"]
+    recipes: list[RecipeChoice] = Field(
+        default_factory=_all_recipes, description="Recipes to cook, each a name or {name, options}; default: all."
     )
-    greedy_strict: bool = Field(False, description="Official code's '>' instead of the paper's '>='.")
-    learned_epochs: int = Field(5, ge=1)
-    learned_batch_size: int = Field(256, ge=1)
     learned_fit_fraction: float = Field(
-        0.5, gt=0, lt=1, description="Part of held-out that learned soups fit on; the rest scores every candidate."
+        0.5,
+        gt=0,
+        lt=1,
+        description="Part of held-out that learned soups fit on; the rest (the leaderboard's `heldout`) scores "
+        "every candidate.",
     )
-    wise_ft_alphas: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
     promotion_metric: Literal["heldout", "shift_mean"] = Field(
         "heldout", description="Metric that picks the champion; the test set never does."
     )
     ingredient_versions: list[int] | None = Field(None, description="Registry versions to cook; default: the study's.")
 
     @model_validator(mode="after")
-    def _known_recipes(self) -> KitchenConfig:
-        unknown = [r for r in self.recipes if r not in KITCHEN_RECIPES]
-        if unknown:
-            raise ValueError(f"unknown recipes {unknown}; allowed: {', '.join(KITCHEN_RECIPES)}")
+    def _each_recipe_once(self) -> KitchenConfig:
+        names = [choice.name for choice in self.recipes]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"recipes {twice} are listed more than once; list each recipe once")
         return self
+
+    def recipe_names(self) -> list[str]:
+        return [choice.name for choice in self.recipes]
 
 
 class TrackingConfig(_Section):
@@ -203,11 +231,14 @@ class PipelineConfig(_Section):
     def study_name(self) -> str:
         return self.sweep.study_name or self.experiment
 
-    def finetune_config(self, params: dict[str, object] | None = None, pretrained: str | None = None) -> FinetuneConfig:
+    def finetune_config(self, params: dict[str, object] | None = None) -> FinetuneConfig:
         """A trial's fine-tuning config: base settings with sampled ``params`` applied (validated again)."""
         train = TrainConfig.model_validate({**self.train.model_dump(), **(params or {})})
-        model = self.model.model_copy(update={"pretrained": pretrained or self.model.pretrained})
-        return FinetuneConfig(model=model, data=self.data, train=train)
+        return FinetuneConfig(model=self.model, data=self.data, train=train)
+
+    def with_pretrained(self, pretrained: str | None) -> PipelineConfig:
+        """This config with the pretrained start filled in; flows call it once, at their entry."""
+        return self.model_copy(update={"model": self.model.model_copy(update={"pretrained": pretrained})})
 
 
 class ConfigError(ValueError):

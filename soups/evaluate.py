@@ -8,7 +8,6 @@ loaded into one existing module with ``load_state_dict`` rather than rebuilt.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,8 +19,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from soups.checkpoint import StateDict
-from soups.config import DataConfig
-from soups.data import DatasetBundle, load_dataset
+from soups.data import DatasetBundle
 
 
 @dataclass(frozen=True)
@@ -90,44 +88,11 @@ def decode(dataset: Dataset, preprocess: Preprocess) -> ImageTensors:
     return ImageTensors(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
 
 
-def bundle_for(config: DataConfig) -> DatasetBundle:
-    """The dataset of a config, loaded (and, for files, verified) once per process."""
-    return _bundle(config.model_dump_json())
-
-
-@lru_cache(maxsize=4)
-def _bundle(config_json: str) -> DatasetBundle:
-    return load_dataset(DataConfig.model_validate_json(config_json))
-
-
-def split_of(bundle: DatasetBundle, split: str) -> Dataset:
-    if split in ("train", "heldout", "test"):
-        return getattr(bundle, split)
-    if split in bundle.shifts:
-        return bundle.shifts[split]
-    raise ValueError(f"unknown split {split!r}; known: train, heldout, test, {', '.join(bundle.shifts)}")
-
-
-_DECODING = threading.Lock()
-
-
-def decoded_split(config: DataConfig, split: str, preprocess: Preprocess) -> ImageTensors:
-    """A split of a configured dataset, decoded once per process for a given preprocessing. Parallel trials
-    start together: the lock makes the first decode and the others wait for its cached result."""
-    with _DECODING:
-        return _decoded(config.model_dump_json(), split, preprocess)
-
-
-@lru_cache(maxsize=16)
-def _decoded(config_json: str, split: str, preprocess: Preprocess) -> ImageTensors:
-    return decode(split_of(_bundle(config_json), split), preprocess)
-
-
-def evaluation_splits(config: DataConfig, preprocess: Preprocess) -> tuple[dict[str, ImageTensors], tuple[str, ...]]:
-    """Held-out, test and every shift set of a dataset, decoded; returns (splits, shift names)."""
-    shifts = tuple(bundle_for(config).shifts)
-    names = ("heldout", "test", *shifts)
-    return {name: decoded_split(config, name, preprocess) for name in names}, shifts
+def evaluation_splits(bundle: DatasetBundle, preprocess: Preprocess) -> tuple[dict[str, ImageTensors], tuple[str, ...]]:
+    """Held-out, test and every shift set of a dataset, each decoded once; returns (splits, shift names)."""
+    splits = {"heldout": decode(bundle.heldout, preprocess), "test": decode(bundle.test, preprocess)}
+    splits.update({name: decode(dataset, preprocess) for name, dataset in bundle.shifts.items()})
+    return splits, tuple(bundle.shifts)
 
 
 @dataclass(frozen=True)
@@ -159,21 +124,6 @@ def evaluate(
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(dim=-1) == labels).sum()
     return Metrics(int(correct) / len(data), float(loss_sum) / len(data), len(data))
-
-
-class NormalizedBatches:
-    """Re-iterable (images, labels) batches normalised on the device as they are drawn: the learned soup's
-    held-out data stays uint8 (4x smaller) until each step needs it."""
-
-    def __init__(self, data: ImageTensors, preprocess: Preprocess, device: torch.device | str, batch_size: int):
-        self.data, self.preprocess, self.device, self.batch_size = data, preprocess, torch.device(device), batch_size
-
-    def __iter__(self):
-        for images, labels in self.data.batches(self.batch_size):
-            yield self.preprocess.normalize(images.to(self.device)), labels.to(self.device)
-
-    def __len__(self) -> int:
-        return -(-len(self.data) // self.batch_size)
 
 
 class Evaluator:

@@ -14,6 +14,7 @@ caption's over the images of its class.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from soups.checkpoint import save_state_dict
-from soups.config import PretrainConfig
+from soups.config import PipelineConfig, PretrainConfig
 from soups.data import DatasetBundle
 from soups.evaluate import Preprocess, decode, evaluate
 from soups.models import Transform, build_classifier, create_clip
@@ -169,3 +170,30 @@ def zero_shot_accuracy(model_name: str, checkpoint: Path, bundle: DatasetBundle,
     classifier = build_classifier(model_name, str(checkpoint), bundle.classnames, bundle.templates, device)
     preprocess = Preprocess.of(classifier)
     return evaluate(classifier, decode(bundle.heldout, preprocess), preprocess, device=device).accuracy
+
+
+def start_path(config: PipelineConfig) -> Path:
+    """Where this config's offline pretrained start lives; its name carries a hash of what produced it."""
+    recipe = f"{config.model.name}|{config.data.model_dump_json()}|{config.pretrain.model_dump_json()}"
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    return (
+        config.tracking.root / "pretrained" / f"{config.model.name}-{config.data.name}-{digest}.safetensors"
+    ).resolve()
+
+
+def needs_offline_start(config: PipelineConfig) -> bool:
+    """No pretrained weights are configured and the config asks for an offline pretrained start."""
+    return config.model.pretrained is None and config.pretrain is not None
+
+
+def with_resolved_start(config: PipelineConfig) -> PipelineConfig:
+    """The config whose ``model.pretrained`` names the start every fine-tune uses: the configured weights, else
+    this config's offline pretrained checkpoint, which must exist (random init when ``pretrain`` is null)."""
+    if not needs_offline_start(config):
+        return config
+    path = start_path(config)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no pretrained start at {path}; run 'soups pretrain' (or 'soups run') first, or set model.pretrained"
+        )
+    return config.with_pretrained(str(path))

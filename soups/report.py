@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from soups.kitchen import Candidate
+from soups.cooking import Candidate
 
 
 def leaderboard(candidates: Sequence[Candidate]) -> pd.DataFrame:

@@ -1,20 +1,20 @@
 """Fine-tuning one ingredient the way the paper did: end to end from the zero-shot classifier, AdamW, cosine
 schedule with warm-up, gradient clipping, label smoothing, mixup and RandAugment.
 
-The train split is decoded once into uint8 tensors; each epoch only augments and normalises them, which is
-what makes a CPU run of a tiny model take seconds instead of minutes. On CUDA: bfloat16 autocast,
-channels-last inputs and pinned host memory.
+What every trial of one (model, dataset) shares -- the zero-shot start and the decoded train and held-out
+splits -- is built once by `prepare_finetune` and handed to each `finetune` call, which trains a copy. The
+train split is decoded once into uint8 tensors; each epoch only augments and normalises them, which is what
+makes a CPU run of a tiny model take seconds instead of minutes. On CUDA: bfloat16 autocast, channels-last
+inputs and pinned host memory.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -22,7 +22,8 @@ from torch.nn import functional as F
 from torchvision.transforms import v2
 
 from soups.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
-from soups.evaluate import ImageTensors, Preprocess, bundle_for, decoded_split, evaluate
+from soups.data import DatasetBundle, load_dataset
+from soups.evaluate import ImageTensors, Preprocess, decode, evaluate
 from soups.models import ClipClassifier, build_classifier, save_classifier
 from soups.runtime import resolve_device, use_cores
 
@@ -50,41 +51,51 @@ class FinetuneResult:
     history: list[EpochReport] = field(default_factory=list)
 
 
-_START_LOCK = threading.Lock()
+def zero_shot_start(model: ModelConfig, bundle: DatasetBundle, device: torch.device | str = "cpu") -> ClipClassifier:
+    """The shared start of every ingredient (and the zero-shot end of WiSE-FT).
 
-
-def zero_shot_classifier(config: FinetuneConfig, device: torch.device | str = "cpu") -> ClipClassifier:
-    """The shared start of every ingredient (and the zero-shot end of WiSE-FT), as a fresh copy.
-
-    Built once per process (text tower, every class x template prompt) and copied for each trial. Built
-    under a fixed seed, so even a random-init start is the same for every trial: soups of ingredients
-    fine-tuned from different inits collapse.
+    Built under a fixed seed, so even a random-init start is the same in every process: soups of
+    ingredients fine-tuned from different inits collapse.
     """
-    with _START_LOCK:
-        start = _zero_shot_start(config.model.model_dump_json(), config.data.model_dump_json(), str(device))
-    return copy.deepcopy(start)
-
-
-@lru_cache(maxsize=2)
-def _zero_shot_start(model_json: str, data_json: str, device: str) -> ClipClassifier:
-    model = ModelConfig.model_validate_json(model_json)
-    bundle = bundle_for(DataConfig.model_validate_json(data_json))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        classifier = build_classifier(model.name, model.pretrained, bundle.classnames, bundle.templates, device)
-    return classifier
+        return build_classifier(model.name, model.pretrained, bundle.classnames, bundle.templates, device)
 
 
-def finetune(config: FinetuneConfig, out: Path, on_epoch: EpochCallback | None = None) -> FinetuneResult:
-    """Fine-tune one classifier and write it to ``out`` (safetensors); returns held-out metrics."""
+@dataclass(frozen=True)
+class FinetuneInputs:
+    """What every fine-tune of one (model, dataset) shares, built once by `prepare_finetune`: the zero-shot
+    start (never trained itself; each run trains a copy) and the train and held-out splits, decoded."""
+
+    model: ModelConfig
+    data: DataConfig
+    start: ClipClassifier
+    preprocess: Preprocess
+    train: ImageTensors
+    heldout: ImageTensors
+
+
+def prepare_finetune(model: ModelConfig, data: DataConfig, device: torch.device | str = "cpu") -> FinetuneInputs:
+    """Load the dataset, build the zero-shot start and decode train and held-out, once for many runs."""
+    bundle = load_dataset(data)
+    start = zero_shot_start(model, bundle, device)
+    preprocess = Preprocess.of(start)
+    train, heldout = decode(bundle.train, preprocess), decode(bundle.heldout, preprocess)
+    return FinetuneInputs(model, data, start, preprocess, train, heldout)
+
+
+def finetune(
+    config: FinetuneConfig, inputs: FinetuneInputs, out: Path, on_epoch: EpochCallback | None = None
+) -> FinetuneResult:
+    """Fine-tune a copy of the shared start and write it to ``out`` (safetensors); returns held-out metrics."""
+    if inputs.model != config.model or inputs.data != config.data:
+        raise ValueError("finetune inputs were prepared for another model or dataset than this run's config")
     train = config.train
     use_cores(train.threads)
     device = resolve_device(train.device)
     torch.manual_seed(train.seed)
-    classifier = zero_shot_classifier(config, device)
-    preprocess = Preprocess.of(classifier)
-    train_set = decoded_split(config.data, "train", preprocess)
-    heldout = decoded_split(config.data, "heldout", preprocess)
+    classifier = copy.deepcopy(inputs.start).to(device)
+    preprocess, train_set, heldout = inputs.preprocess, inputs.train, inputs.heldout
     zero_shot = evaluate(classifier, heldout, preprocess, batch_size=train.eval_batch_size, device=device)
 
     started = time.perf_counter()

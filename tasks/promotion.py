@@ -9,13 +9,15 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from soups.checkpoint import load_state_dict
 from soups.config import PipelineConfig
-from soups.serving import WEIGHTS_FILE
-from tasks.kitchen import RegisteredCandidate, kitchen_setup
-from tasks.tracking import client_for
+from soups.cooking import CookingSetup
+from tasks.adapters.packaging import download_model_weights
+from tasks.adapters.tracking import client_for
+from tasks.cooking import RegisteredCandidate
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -34,18 +36,18 @@ class PromotionDecision(BaseModel):
     outcome: str
 
 
-@task(name="promote")
+@task(name="promote", cache_policy=NO_CACHE)
 def promote(
     config: PipelineConfig,
     kitchen_run_id: str,
     candidates: list[RegisteredCandidate],
-    pretrained: str | None,
+    setup: CookingSetup,
     workdir: Path,
 ) -> PromotionDecision:
     metric = config.kitchen.promotion_metric
     if not candidates:
         raise NothingToPromoteError(
-            f"no single-model candidates to promote (recipes: {config.kitchen.recipes}); an ensemble is not one "
+            f"no single-model candidates to promote (recipes: {config.kitchen.recipe_names()}); an ensemble is not one "
             "model: add 'best', 'uniform', 'greedy' or a learned soup to kitchen.recipes"
         )
     client = client_for(config.tracking)
@@ -64,7 +66,7 @@ def promote(
         outcome = "champion (unchanged: already the champion)"
         champion_score = best.scores[metric]
     else:
-        champion_score = rescore(config, str(champion.version), metric, pretrained, workdir)
+        champion_score = rescore(client, config, str(champion.version), setup, workdir)[metric]
         if best.scores[metric] > champion_score:
             outcome = "champion (beats the previous champion)"
             client.set_registered_model_alias(name, CHAMPION, best.version)
@@ -91,23 +93,10 @@ def _alias(client, name: str, alias: str):
         return None
 
 
-def download_weights(config: PipelineConfig, version: str, workdir: Path) -> Path:
-    """The safetensors weights of a registered version, fetched locally (never unpickled)."""
-    import mlflow
-
-    mlflow.set_tracking_uri(config.tracking.resolved_mlflow_uri())
-    folder = Path(workdir) / f"registered-v{version}"
-    local = mlflow.artifacts.download_artifacts(f"models:/{config.experiment}/{version}", dst_path=str(folder))
-    weights = next(Path(local).rglob(WEIGHTS_FILE), None)
-    if weights is None:
-        raise FileNotFoundError(f"version {version} of {config.experiment} has no {WEIGHTS_FILE}; cannot score it")
-    return weights
-
-
-def rescore(config: PipelineConfig, version: str, metric: str, pretrained: str | None, workdir: Path) -> float:
+def rescore(client, config: PipelineConfig, version: str, setup: CookingSetup, workdir: Path) -> dict[str, float]:
     """Score a registered version on today's data with the same evaluator as the candidates."""
-    weights = download_weights(config, version, workdir)
-    return kitchen_setup(config, pretrained, workdir).evaluator.report(load_state_dict(weights))[metric]
+    weights = download_model_weights(client, config.experiment, version, Path(workdir) / f"registered-v{version}")
+    return setup.evaluator.report(load_state_dict(weights))
 
 
 def _log(client, run_id: str, decision: PromotionDecision, name: str) -> None:

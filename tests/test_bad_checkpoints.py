@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
+from cli.main import main
 from soups.checkpoint import (
     CheckpointError,
     IncompatibleCheckpointsError,
     NonFiniteTensorError,
     save_state_dict,
 )
-from soups.cli import main
 from soups.recipes import cook
 from tests.helpers import random_state_dict, write_ingredients
 
@@ -105,7 +105,7 @@ def test_cli_writes_a_loadable_soup_with_lineage(tmp_path):
         [
             sys.executable,
             "-m",
-            "soups.cli",
+            "cli.main",
             "cook",
             "uniform",
             "--out",
@@ -128,7 +128,7 @@ _LOADED = "print(sorted(m for m in ('prefect', 'mlflow', 'optuna', 'torch') if m
 
 def _modules_loaded_by(argv: list[str]) -> str:
     call = f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass"
-    script = f"import sys\nfrom soups.cli import main\n{call}\n{_LOADED}"
+    script = f"import sys\nfrom cli.main import main\n{call}\n{_LOADED}"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     return result.stdout.strip().splitlines()[-1]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from soups.cli import main
+from cli.main import main
 from soups.config import ConfigError, PipelineConfig, load_config
+from soups.cooking import split_heldout
 from soups.evaluate import ImageTensors
-from soups.kitchen import split_heldout
 
 
 def test_embedded_defaults_are_the_offline_paper_setup():
@@ -16,7 +16,8 @@ def test_embedded_defaults_are_the_offline_paper_setup():
     assert config.model.pretrained is None and config.pretrain is not None, "offline: pretrain a start"
     assert config.space["lr"].low == 1e-6 and config.space["lr"].high == 1e-4, "the paper's sweep space"
     assert config.sweep.n_trials >= 8
-    assert set(config.kitchen.recipes) >= {"uniform", "greedy", "learned", "learned_by_layer", "ensemble", "wise_ft"}
+    recipes = {"uniform", "greedy", "learned", "learned_by_layer", "ensemble", "wise_ft"}
+    assert set(config.kitchen.recipe_names()) >= recipes
     assert config.kitchen.promotion_metric == "heldout"
 
 
@@ -67,3 +68,17 @@ def test_heldout_is_split_into_disjoint_fit_and_score_parts():
     assert sorted(fit.labels.tolist() + score.labels.tolist()) == list(range(10))
     again, _ = split_heldout(data, 0.5, seed=0)
     assert torch.equal(again.labels, fit.labels), "the split is seeded"
+
+
+def test_recipe_options_are_checked_against_what_each_recipe_declares(tmp_path):
+    config = load_config(None, {"kitchen.recipes": ["uniform", {"name": "greedy", "options": {"strict": True}}]})
+    assert [(c.name, c.options) for c in config.kitchen.recipes] == [
+        ("uniform", {"dtype": None}),
+        ("greedy", {"strict": True}),
+    ]
+    with pytest.raises(ConfigError, match="unknown recipe 'soupe'; known recipes: best, uniform"):
+        load_config(None, {"kitchen.recipes": ["soupe"]})
+    with pytest.raises(ConfigError, match=r"option.*stps.*allowed options: steps, lr, batch_size"):
+        load_config(None, {"kitchen.recipes": [{"name": "learned", "options": {"stps": 10}}]})
+    with pytest.raises(ConfigError, match="listed more than once"):
+        load_config(None, {"kitchen.recipes": ["uniform", "uniform"]})

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from soups.checkpoint import Ingredient, save_state_dict
-from soups.recipes import Kitchen, cook
+from soups.recipes import RecipeInputs, cook
 from soups.recipes.greedy import greedy_soup
 
 
@@ -73,8 +73,8 @@ def test_unscored_ingredients_are_scored_first(tmp_path):
 
 def test_greedy_recipe_through_the_registry(tmp_path):
     ingredients = _constant_models(tmp_path, {"a": 1.0, "b": 3.0}, {"a": 0.9, "b": 0.85})
-    with pytest.raises(ValueError, match="needs kitchen.evaluate"):
+    with pytest.raises(ValueError, match="needs inputs.evaluate"):
         cook("greedy", ingredients)
-    (dish,) = cook("greedy", ingredients, Kitchen(evaluate=ScriptedEvaluate({2.0: 0.91})))
+    (dish,) = cook("greedy", ingredients, RecipeInputs(evaluate=ScriptedEvaluate({2.0: 0.91})))
     assert dish.recipe == "greedy" and len(dish.ingredients) == 2
     assert dish.details["evaluations"] == 1 and len(dish.details["trajectory"]) == 2

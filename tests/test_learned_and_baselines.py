@@ -9,8 +9,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from soups.checkpoint import Ingredient, save_state_dict
-from soups.recipes import Kitchen, cook, recipe_names
-from soups.recipes.learned import learn_mixing
+from soups.recipes import RECIPES, FitSet, RecipeInputs, cook
+from soups.recipes import learned as learned_module
+from soups.recipes.learned import LearnedOptions, learn_mixing
 
 
 def _small_cnn() -> nn.Module:
@@ -27,10 +28,8 @@ def digits():
     return (x[:1200], y[:1200]), (x[1200:], y[1200:])
 
 
-@pytest.fixture(scope="module")
-def pool(digits, tmp_path_factory):
-    """One good ingredient, two damaged ones (heavy noise on every tensor), and the untrained start."""
-    folder = tmp_path_factory.mktemp("pool")
+def _damaged_pool(digits, folder, damaged: int) -> tuple[list[Ingredient], object]:
+    """One good ingredient, ``damaged`` damaged ones (heavy noise on every tensor), and the untrained start."""
     (x, y), _ = digits
     torch.manual_seed(0)
     model = _small_cnn()
@@ -43,17 +42,20 @@ def pool(digits, tmp_path_factory):
     good = model.state_dict()
     ingredients = [Ingredient(save_state_dict(good, folder / "good.safetensors"), 0.95, "good")]
     g = torch.Generator().manual_seed(1)
-    for k in range(2):
-        damaged = {key: v + 1.5 * torch.randn(v.shape, generator=g) for key, v in good.items()}
-        ingredients.append(
-            Ingredient(save_state_dict(damaged, folder / f"damaged{k}.safetensors"), 0.2, f"bad{k}")
-        )
+    for k in range(damaged):
+        noisy = {key: v + 1.5 * torch.randn(v.shape, generator=g) for key, v in good.items()}
+        ingredients.append(Ingredient(save_state_dict(noisy, folder / f"damaged{k}.safetensors"), 0.2, f"bad{k}"))
     return ingredients, start
 
 
-def _heldout_batches(digits, size=128):
+@pytest.fixture(scope="module")
+def pool(digits, tmp_path_factory):
+    return _damaged_pool(digits, tmp_path_factory.mktemp("pool"), damaged=2)
+
+
+def _fit_set(digits) -> FitSet:
     _, (x, y) = digits
-    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+    return FitSet(x, y)
 
 
 def _loss_and_accuracy(state_dict, digits) -> tuple[float, float]:
@@ -66,16 +68,14 @@ def _loss_and_accuracy(state_dict, digits) -> tuple[float, float]:
 
 
 def test_every_recipe_is_registered():
-    assert {"uniform", "greedy", "learned", "learned_by_layer", "ensemble", "wise_ft", "best"} <= set(
-        recipe_names()
-    )
+    assert {"uniform", "greedy", "learned", "learned_by_layer", "ensemble", "wise_ft", "best"} <= set(RECIPES)
 
 
 def test_learned_soup_favours_the_good_ingredient(digits, pool):
     ingredients, _ = pool
-    kitchen = Kitchen(module=_small_cnn(), heldout=_heldout_batches(digits))
+    inputs = RecipeInputs(module=_small_cnn(), fit_batches=_fit_set(digits))
     (uniform,) = cook("uniform", ingredients)
-    (learned,) = cook("learned", ingredients, kitchen, epochs=10)
+    (learned,) = cook("learned", ingredients, inputs, steps=50, batch_size=128)
     weights = learned.details["coefficients"]
     assert weights.shape == (3,) and torch.isclose(weights.sum(), torch.tensor(1.0))
     assert weights[0] > 0.6 and weights[0] > weights[1:].max()
@@ -88,8 +88,8 @@ def test_learned_soup_favours_the_good_ingredient(digits, pool):
 
 def test_learned_soup_by_layer_has_a_weight_per_ingredient_per_tensor(digits, pool):
     ingredients, _ = pool
-    kitchen = Kitchen(module=_small_cnn(), heldout=_heldout_batches(digits))
-    (dish,) = cook("learned_by_layer", ingredients, kitchen, epochs=10, stack_dtype=torch.bfloat16)
+    inputs = RecipeInputs(module=_small_cnn(), fit_batches=_fit_set(digits))
+    (dish,) = cook("learned_by_layer", ingredients, inputs, steps=50, batch_size=128, stack_dtype="bfloat16")
     coefficients = dish.details["coefficients"]
     assert set(coefficients) == set(_small_cnn().state_dict())
     assert all(weights.shape == (3,) for weights in coefficients.values())
@@ -101,19 +101,62 @@ def test_learned_soup_by_layer_has_a_weight_per_ingredient_per_tensor(digits, po
     assert accuracy > 0.8 and dish.state_dict["4.weight"].dtype == torch.float32
 
 
-def test_learned_mix_stacks_once_and_reuses_the_module(digits, pool):
+def test_learned_mix_reads_each_checkpoint_once_and_leaves_the_module_alone(digits, pool, monkeypatch):
     ingredients, _ = pool
+    opened: list[str] = []
+    real_open = learned_module.safe_open
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(learned_module, "safe_open", counting_open)
     module = _small_cnn()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    mix = learn_mixing(module, [i.path for i in ingredients], _heldout_batches(digits), epochs=1)
-    assert len(mix.losses) == len(_heldout_batches(digits))
+    mix = learn_mixing(module, [i.path for i in ingredients], _fit_set(digits), LearnedOptions(steps=12, batch_size=64))
+    assert len(mix.losses) == 12, "the budget is counted in optimiser steps, across epochs"
+    assert sorted(opened) == sorted(str(i.path) for i in ingredients), "stacked once, not re-read per step"
     for key, value in module.state_dict().items():
         assert torch.equal(value, before[key]), "functional_call must not overwrite the base module's weights"
 
 
+@pytest.fixture(scope="module")
+def pool_of_16(digits, tmp_path_factory):
+    ingredients, _ = _damaged_pool(digits, tmp_path_factory.mktemp("pool16"), damaged=15)
+    return ingredients
+
+
+def test_learned_weights_leave_uniform_for_the_clearly_better_ingredient(digits, pool_of_16):
+    inputs = RecipeInputs(module=_small_cnn(), fit_batches=_fit_set(digits))
+    (dish,) = cook("learned", pool_of_16, inputs, steps=100, batch_size=128)
+    weights = dish.details["coefficients"]
+    assert weights[0] > 2 * (1 / 16), f"the good ingredient should end well above uniform: {weights}"
+    assert dish.details["steps"] == 100 and dish.details["final_loss"] == dish.details["losses"][-1]
+
+
+def test_learned_by_layer_coefficients_differ_between_tensors_and_the_fit_is_reproducible(digits, pool_of_16):
+    def fit():
+        inputs = RecipeInputs(module=_small_cnn(), fit_batches=_fit_set(digits))
+        (dish,) = cook("learned_by_layer", pool_of_16[:4], inputs, steps=40, batch_size=100, seed=3)
+        return dish.details["coefficients"]
+
+    first, second = fit(), fit()
+    rows = torch.stack(list(first.values()))
+    assert (rows - rows.mean(0)).abs().max() > 1e-3, "each tensor learns its own mix"
+    assert all(torch.equal(first[k], second[k]) for k in first), "same seed, same coefficients"
+
+
+def test_the_fit_batch_is_capped_at_the_fitting_set(digits, pool):
+    ingredients, _ = pool
+    _, (x, y) = digits
+    small = FitSet(x[:40], y[:40])
+    mix = learn_mixing(_small_cnn(), [i.path for i in ingredients], small, LearnedOptions(steps=3, batch_size=256))
+    assert mix.batch_size == 40 and len(mix.losses) == 3
+
+
 def test_logit_ensemble_averages_member_logits(digits, pool):
     ingredients, _ = pool
-    (dish,) = cook("ensemble", ingredients[:2], Kitchen(module=_small_cnn()))
+    (dish,) = cook("ensemble", ingredients[:2], RecipeInputs(module=_small_cnn()))
     _, (x, _) = digits
     members = []
     for ingredient in ingredients[:2]:
@@ -128,7 +171,7 @@ def test_logit_ensemble_averages_member_logits(digits, pool):
 
 def test_wise_ft_interpolates_between_zero_shot_and_best(digits, pool):
     ingredients, start = pool
-    dishes = cook("wise_ft", ingredients, Kitchen(base=start), alphas=[0.0, 0.5, 1.0])
+    dishes = cook("wise_ft", ingredients, RecipeInputs(base=start), alphas=[0.0, 0.5, 1.0])
     assert [d.details["alpha"] for d in dishes] == [0.0, 0.5, 1.0]
     from soups.checkpoint import load_state_dict
 
@@ -139,7 +182,7 @@ def test_wise_ft_interpolates_between_zero_shot_and_best(digits, pool):
         dishes[1].state_dict["4.weight"], (zero["4.weight"] + tuned["4.weight"]) / 2, atol=1e-6
     )
     assert all(d.ingredients[0].name == "good" for d in dishes)
-    with pytest.raises(ValueError, match="needs kitchen.base"):
+    with pytest.raises(ValueError, match="needs inputs.base"):
         cook("wise_ft", ingredients)
 
 
@@ -151,7 +194,7 @@ def test_logit_ensemble_of_half_precision_checkpoints_runs_on_cpu(digits, pool, 
     for ingredient in ingredients[:2]:
         half = {k: v.half() for k, v in load_state_dict(ingredient.path).items()}
         halves.append(Ingredient(save_state_dict(half, tmp_path / f"{ingredient.name}.safetensors")))
-    (dish,) = cook("ensemble", halves, Kitchen(module=_small_cnn()))
+    (dish,) = cook("ensemble", halves, RecipeInputs(module=_small_cnn()))
     _, (x, _) = digits
     with torch.no_grad():
         assert dish.model(x[:4]).dtype == torch.float32

@@ -16,7 +16,8 @@ from flows.pipeline import pipeline_flow
 from flows.promote import promote_flow
 from flows.sweep import sweep_flow
 from soups.config import PipelineConfig, load_config
-from soups.evaluate import Preprocess, decoded_split
+from soups.data import load_dataset
+from soups.evaluate import Preprocess, decode
 from soups.models import empty_classifier
 
 EXPERIMENT = "test-soups"
@@ -33,8 +34,13 @@ def _config(root, **overrides) -> PipelineConfig:
         "space": {"lr": {"kind": "loguniform", "low": 3e-4, "high": 1e-3},
                   "epochs": {"kind": "int", "low": 1, "high": 2},
                   "label_smoothing": {"kind": "uniform", "low": 0.0, "high": 0.2, "or_zero": True}},
-        "kitchen.learned_epochs": 1,
-        "kitchen.wise_ft_alphas": [0.0, 0.5, 1.0],
+        "kitchen.recipes": [
+            "best", "uniform", "greedy",
+            {"name": "learned", "options": {"steps": 10}},
+            {"name": "learned_by_layer", "options": {"steps": 10}},
+            "ensemble",
+            {"name": "wise_ft", "options": {"alphas": [0.0, 0.5, 1.0]}},
+        ],
         **overrides,
     }
     return load_config(None, settings)
@@ -103,7 +109,7 @@ def test_soups_are_registered_with_lineage_and_the_champion_predicts(first_run):
     mlflow.set_tracking_uri(config.tracking.resolved_mlflow_uri())
     model = mlflow.pyfunc.load_model(f"models:/{EXPERIMENT}@champion")
     preprocess = Preprocess.of(empty_classifier(config.model.name, 10))
-    images = decoded_split(config.data, "test", preprocess).images[:8].permute(0, 2, 3, 1).numpy()
+    images = decode(load_dataset(config.data).test, preprocess).images[:8].permute(0, 2, 3, 1).numpy()
     probabilities = model.predict(images)
     assert probabilities.shape == (8, 10)
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
@@ -122,7 +128,7 @@ def test_recooking_the_same_ingredients_registers_nothing_new(first_run):
     config, result = first_run
     client = _client(config)
     before = sorted(int(v.version) for v in client.search_model_versions(f"name='{EXPERIMENT}'"))
-    again = kitchen_flow(config, result["pretrained"])
+    again = kitchen_flow(config)
     after = sorted(int(v.version) for v in client.search_model_versions(f"name='{EXPERIMENT}'"))
     assert after == before, "identical weights keep their registered version"
     assert "unchanged" in again["promotion"]["outcome"]
@@ -147,7 +153,7 @@ def test_a_worse_run_leaves_the_champion_and_sets_a_challenger(first_run):
 def test_rerunning_the_sweep_continues_the_study(first_run):
     config, _ = first_run
     resumed = config.model_copy(update={"sweep": config.sweep.model_copy(update={"n_trials": 1})})
-    result = sweep_flow(resumed, first_run[1]["pretrained"])
+    result = sweep_flow(resumed)
     assert [t["number"] for t in result["finished"]] == [3]
     study = optuna.load_study(study_name=config.study_name, storage=config.tracking.resolved_optuna_storage())
     assert len(study.trials) == 4
@@ -164,7 +170,7 @@ def test_a_failing_trial_is_recorded_failed_and_registers_nothing(first_run):
         "space": {"lr": {"kind": "categorical", "choices": [3e-4, 1e6]},
                   "epochs": {"kind": "int", "low": 1, "high": 1}},
     })
-    result = sweep_flow(diverging, first_run[1]["pretrained"])
+    result = sweep_flow(diverging)
     assert len(result["finished"]) == 1 and sorted(result["failed"]) == [0, 2]
     assert all("TrainingDivergedError" in reason for reason in result["failed"].values())
     study = optuna.load_study(study_name="diverging", storage=config.tracking.resolved_optuna_storage())
@@ -177,5 +183,3 @@ def test_a_failing_trial_is_recorded_failed_and_registers_nothing(first_run):
     runs = client.search_runs([experiment.experiment_id], "tags.study = 'diverging' and tags.kind = 'ingredient'")
     failed = [r for r in runs if r.info.status == "FAILED"]
     assert len(failed) == 2 and all("TrainingDivergedError" in r.data.tags["failure_reason"] for r in failed)
-    first, second = sorted(runs, key=lambda r: int(r.data.tags["trial_number"]))[:2]
-    assert second.info.start_time < first.info.end_time, "with parallel: 2 the first two trials overlap"

@@ -16,51 +16,42 @@ from soups.data import DatasetBundle, load_dataset
 from soups.evaluate import Preprocess, decode, evaluate
 from soups.models import build_classifier
 from soups.pretrain import PretrainResult, label_aware_clip_loss, pretrain, train_clip
-from soups.runtime import use_cores
+from soups.runtime import available_cores, use_cores
 
 TINY = "soups-vit-tiny"
-SHORT = PretrainConfig(epochs=3, batch_size=32, lr=1e-3, seed=0)
-"""A short run: about 4 s on 2 cores, zero-shot 0.46-0.70 over seeds 0-2 (chance is 0.1)."""
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def digits() -> DatasetBundle:
     return load_dataset(DataConfig(name="digits", seed=0))
 
 
-@pytest.fixture(scope="session")
-def pretrained_tiny(tmp_path_factory: pytest.TempPathFactory, digits: DatasetBundle) -> PretrainResult:
-    """One short pretraining run shared by every test that needs a pretrained start (move to conftest)."""
-    out = tmp_path_factory.mktemp("pretrained") / f"{TINY}-digits.safetensors"
-    return pretrain(SHORT, TINY, digits, out)
-
-
-def test_short_pretraining_beats_chance_by_a_clear_margin(pretrained_tiny: PretrainResult) -> None:
+def test_short_pretraining_beats_chance_by_a_clear_margin(pretrained: PretrainResult) -> None:
     chance = 1 / 10
-    assert pretrained_tiny.zero_shot_accuracy > chance + 0.2
-    assert pretrained_tiny.checkpoint.is_file()
-    assert not list(pretrained_tiny.checkpoint.parent.glob(".*.tmp"))  # written atomically, nothing left
+    assert pretrained.zero_shot_accuracy > chance + 0.2
+    assert pretrained.checkpoint.is_file()
+    assert not list(pretrained.checkpoint.parent.glob(".*.tmp"))  # written atomically, nothing left
 
 
 def test_reported_accuracy_is_heldout_zero_shot_of_the_saved_file(
-    pretrained_tiny: PretrainResult, digits: DatasetBundle
+    pretrained: PretrainResult, digits: DatasetBundle
 ) -> None:
-    checkpoint = str(pretrained_tiny.checkpoint)
+    checkpoint = str(pretrained.checkpoint)
     classifier = build_classifier(TINY, checkpoint, digits.classnames, digits.templates)
     preprocess = Preprocess.of(classifier)
     heldout = evaluate(classifier, decode(digits.heldout, preprocess), preprocess)
-    assert heldout.accuracy == pytest.approx(pretrained_tiny.zero_shot_accuracy)
+    assert heldout.accuracy == pytest.approx(pretrained.zero_shot_accuracy)
 
 
 def test_checkpoint_loads_in_open_clip_with_identical_features(
-    pretrained_tiny: PretrainResult, digits: DatasetBundle
+    pretrained: PretrainResult, digits: DatasetBundle
 ) -> None:
     # Retraining with the same seed must reproduce the saved model exactly (CPU determinism), so the
     # in-memory model can be compared with what open_clip reads back from the file.
     before = torch.random.get_rng_state()
-    in_memory = train_clip(TINY, digits.pretrain, digits.classnames, digits.templates, SHORT)
+    in_memory = train_clip(TINY, digits.pretrain, digits.classnames, digits.templates, PretrainConfig())
     assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG is left alone
-    checkpoint = str(pretrained_tiny.checkpoint)
+    checkpoint = str(pretrained.checkpoint)
     loaded, _, eval_tf = open_clip.create_model_and_transforms(TINY, pretrained=checkpoint)
     loaded.eval()
     images = torch.stack([eval_tf(digits.heldout[i][0]) for i in range(16)])
@@ -74,7 +65,7 @@ def test_checkpoint_loads_in_open_clip_with_identical_features(
 def test_bundle_without_pretrain_split_is_refused(digits: DatasetBundle, tmp_path: Path) -> None:
     no_pretrain = dataclasses.replace(digits, name="imagefolder", pretrain=None)
     with pytest.raises(ValueError, match="no pretrain split"):
-        pretrain(SHORT, TINY, no_pretrain, tmp_path / "x.safetensors")
+        pretrain(PretrainConfig(epochs=1), TINY, no_pretrain, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -107,16 +98,10 @@ def test_label_aware_loss_equals_clip_loss_when_labels_are_distinct() -> None:
     torch.testing.assert_close(soft, open_clip.ClipLoss()(images, texts, scale))
 
 
-def test_defaults_are_validated_and_threads_use_every_core() -> None:
-    config = PretrainConfig()
-    assert config.epochs >= 1 and config.batch_size >= 2 and config.lr > 0
-    with pytest.raises(ValueError):
-        PretrainConfig(epochs=0)
-    with pytest.raises(ValueError):
-        PretrainConfig(epoch=3)  # typo: unknown fields are errors
+def test_threads_default_to_every_available_core() -> None:
     before = torch.get_num_threads()
     try:
         assert use_cores(1) == torch.get_num_threads() == 1
-        assert use_cores() == torch.get_num_threads() >= 1
+        assert use_cores() == torch.get_num_threads() == available_cores()
     finally:
         torch.set_num_threads(before)

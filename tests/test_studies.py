@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from soups.config import TrainConfig, load_config
-from tasks.studies import open_study, open_trial, sample_params, still_running
+from tasks.adapters.studies import open_study, open_trial, sample_params, still_running
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "qmc"])

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from soups.checkpoint import Ingredient, load_state_dict
-from soups.config import FinetuneConfig, TrainConfig, paper_search_space
-from soups.evaluate import Evaluator, Preprocess, decoded_split, evaluation_splits
+from soups.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, paper_search_space
+from soups.data import load_dataset
+from soups.evaluate import Evaluator, evaluation_splits
 from soups.models import load_classifier
 from soups.recipes import cook
-from soups.train import EpochReport, finetune, warmup_cosine, zero_shot_classifier
+from soups.train import EpochReport, finetune, prepare_finetune, warmup_cosine, zero_shot_start
 
 
 def _config(pretrained, **train) -> FinetuneConfig:
@@ -19,12 +22,19 @@ def _config(pretrained, **train) -> FinetuneConfig:
 
 
 @pytest.fixture(scope="module")
-def two_ingredients(pretrained_checkpoint, tmp_path_factory):
+def inputs(pretrained_checkpoint):
+    """The shared start and decoded splits, prepared once for every fine-tune of this module."""
+    config = _config(pretrained_checkpoint)
+    return prepare_finetune(config.model, config.data)
+
+
+@pytest.fixture(scope="module")
+def two_ingredients(pretrained_checkpoint, inputs, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ingredients")
     runs = [
-        finetune(_config(pretrained_checkpoint, seed=1), folder / "a.safetensors"),
+        finetune(_config(pretrained_checkpoint, seed=1), inputs, folder / "a.safetensors"),
         finetune(_config(pretrained_checkpoint, seed=2, lr=1e-4, label_smoothing=0.1, randaugment_n=1,
-                         randaugment_m=5, mixup_alpha=0.2), folder / "b.safetensors"),
+                         randaugment_m=5, mixup_alpha=0.2), inputs, folder / "b.safetensors"),
     ]
     return runs
 
@@ -36,14 +46,14 @@ def test_finetuning_improves_over_zero_shot(two_ingredients):
         assert run.checkpoint.suffix == ".safetensors" and run.checkpoint.is_file()
 
 
-def test_training_is_deterministic_on_cpu(pretrained_checkpoint, tmp_path):
+def test_training_is_deterministic_on_cpu(pretrained_checkpoint, inputs, tmp_path):
     config = _config(pretrained_checkpoint, epochs=1, randaugment_n=2, randaugment_m=9, mixup_alpha=0.4)
-    first = load_state_dict(finetune(config, tmp_path / "1.safetensors").checkpoint)
-    second = load_state_dict(finetune(config, tmp_path / "2.safetensors").checkpoint)
+    first = load_state_dict(finetune(config, inputs, tmp_path / "1.safetensors").checkpoint)
+    second = load_state_dict(finetune(config, inputs, tmp_path / "2.safetensors").checkpoint)
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_epoch_callback_sees_every_epoch_and_can_stop_training(pretrained_checkpoint, tmp_path):
+def test_epoch_callback_sees_every_epoch_and_can_stop_training(pretrained_checkpoint, inputs, tmp_path):
     seen: list[EpochReport] = []
 
     def stop_after_first(report: EpochReport) -> None:
@@ -51,30 +61,24 @@ def test_epoch_callback_sees_every_epoch_and_can_stop_training(pretrained_checkp
         raise RuntimeError("pruned")
 
     with pytest.raises(RuntimeError, match="pruned"):
-        finetune(_config(pretrained_checkpoint), tmp_path / "x.safetensors", on_epoch=stop_after_first)
+        finetune(_config(pretrained_checkpoint), inputs, tmp_path / "x.safetensors", on_epoch=stop_after_first)
     assert [r.epoch for r in seen] == [1]
     assert not (tmp_path / "x.safetensors").exists(), "a stopped run writes no checkpoint"
 
 
-def test_checkpoint_reloads_with_identical_outputs(two_ingredients, pretrained_checkpoint):
+def test_checkpoint_reloads_with_identical_outputs(two_ingredients, inputs):
     run = two_ingredients[0]
-    config = _config(pretrained_checkpoint)
     classifier = load_classifier(run.checkpoint, "soups-vit-tiny", num_classes=10)
-    preprocess = Preprocess.of(classifier)
-    images = preprocess.normalize(decoded_split(config.data, "heldout", preprocess).images[:32])
-    reference = zero_shot_classifier(config)
+    images = inputs.preprocess.normalize(inputs.heldout.images[:32])
+    reference = copy.deepcopy(inputs.start)
     reference.load_state_dict(load_state_dict(run.checkpoint))
     with torch.inference_mode():
         assert torch.equal(classifier(images), reference.eval()(images))
 
 
-def test_uniform_soup_of_real_ingredients_is_evaluated(two_ingredients, pretrained_checkpoint):
-    config = _config(pretrained_checkpoint)
-    classifier = zero_shot_classifier(config)
-    preprocess = Preprocess.of(classifier)
-    splits, shifts = evaluation_splits(config.data, preprocess)
-    assert decoded_split(config.data, "heldout", preprocess) is splits["heldout"], "splits are decoded once"
-    evaluator = Evaluator(classifier, splits, preprocess, shifts=shifts)
+def test_uniform_soup_of_real_ingredients_is_evaluated(two_ingredients, inputs):
+    splits, shifts = evaluation_splits(load_dataset(inputs.data), inputs.preprocess)
+    evaluator = Evaluator(copy.deepcopy(inputs.start), splits, inputs.preprocess, shifts=shifts)
     ingredients = [Ingredient(run.checkpoint, run.metrics["heldout_accuracy"]) for run in two_ingredients]
     (soup,) = cook("uniform", ingredients)
     rows = {i.name: evaluator.report(load_state_dict(i.path)) for i in ingredients}
@@ -120,22 +124,33 @@ def test_finetune_and_evaluate_on_an_image_folder(pretrained_checkpoint, tmp_pat
         {"model": {"pretrained": str(pretrained_checkpoint)}, "data": {"name": "imagefolder", "root": str(root)},
          "train": {"epochs": 2, "lr": 3e-4}}
     )
-    result = finetune(config, tmp_path / "folder.safetensors")
+    folder_inputs = prepare_finetune(config.model, config.data)
+    result = finetune(config, folder_inputs, tmp_path / "folder.safetensors")
     assert result.metrics["heldout_accuracy"] > 0.5
-    classifier = zero_shot_classifier(config)
-    preprocess = Preprocess.of(classifier)
-    splits, shifts = evaluation_splits(config.data, preprocess)
+    splits, shifts = evaluation_splits(load_dataset(config.data), folder_inputs.preprocess)
     assert shifts == ("upside-down",)
-    report = Evaluator(classifier, splits, preprocess, shifts=shifts).report(load_state_dict(result.checkpoint))
+    evaluator = Evaluator(folder_inputs.start, splits, folder_inputs.preprocess, shifts=shifts)
+    report = evaluator.report(load_state_dict(result.checkpoint))
     assert report["upside-down"] < report["test"], "rotating digits by 180 degrees should hurt"
 
 
 def test_every_trial_starts_from_the_same_classifier_even_without_pretrained_weights():
-    first = zero_shot_classifier(FinetuneConfig.model_validate({"train": {"seed": 1}}))
-    second = zero_shot_classifier(FinetuneConfig.model_validate({"train": {"seed": 2}}))
-    assert first is not second, "each caller gets its own copy to train"
+    bundle = load_dataset(DataConfig())
+    torch.manual_seed(1)
+    first = zero_shot_start(ModelConfig(), bundle)
+    torch.manual_seed(2)
+    second = zero_shot_start(ModelConfig(), bundle)
     for key, value in first.state_dict().items():
         assert torch.equal(value, second.state_dict()[key]), key
-    first.head.weight.data.zero_()
-    third = zero_shot_classifier(FinetuneConfig())
-    assert not torch.equal(third.head.weight, first.head.weight), "training a copy leaves the shared start alone"
+
+
+def test_finetuning_trains_a_copy_and_leaves_the_shared_start_alone(pretrained_checkpoint, inputs, tmp_path):
+    before = {k: v.clone() for k, v in inputs.start.state_dict().items()}
+    finetune(_config(pretrained_checkpoint, epochs=1, lr=1e-3), inputs, tmp_path / "c.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in inputs.start.state_dict().items())
+
+
+def test_inputs_prepared_for_another_dataset_are_refused(pretrained_checkpoint, inputs, tmp_path):
+    other = _config(pretrained_checkpoint).model_copy(update={"data": DataConfig(seed=1)})
+    with pytest.raises(ValueError, match="another model or dataset"):
+        finetune(other, inputs, tmp_path / "o.safetensors")

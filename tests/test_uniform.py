@@ -54,7 +54,7 @@ def test_uniform_soup_with_mixed_dtypes_inside_a_checkpoint(tmp_path):
 
 def test_output_dtype_can_be_chosen(tmp_path):
     ingredients = write_ingredients(tmp_path, [1, 2], torch.bfloat16)
-    (dish,) = cook("uniform", ingredients, dtype=torch.float32)
+    (dish,) = cook("uniform", ingredients, dtype="float32")
     assert dish.state_dict["layer.weight"].dtype == torch.float32
     assert torch.allclose(
         dish.state_dict["layer.weight"].double(), _float64_mean(ingredients, "layer.weight"), atol=1e-6

@@ -1,57 +1,71 @@
-"""Soup recipes, one module per recipe, registered by name.
+"""Soup recipes: one module per recipe, listed in `RECIPES` (the registry; add a new recipe's module here).
 
-A configuration names recipes by string (``uniform``, ``greedy``, ``learned``, ``learned_by_layer``,
-``ensemble``, ``wise_ft``, ``best``); adding a recipe is adding one module here that calls ``@register``.
+Each module declares a `Recipe`: its name, its options (a pydantic model with defaults) and the function
+that cooks it. The configuration names recipes by string and gives options by name; both are checked
+against this registry when the config is loaded.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import ValidationError
 
 from soups.checkpoint import Ingredient, check_compatible
-from soups.recipes.base import Dish, Kitchen, Recipe
+from soups.recipes import best, ensemble, greedy, learned, uniform, wise_ft
+from soups.recipes.base import Dish, FitSet, Recipe, RecipeInputs, RecipeOptions
 
-RECIPES: dict[str, Recipe] = {}
-
-
-def register(name: str):
-    """Decorator adding a recipe function to the registry under ``name``."""
-
-    def add(recipe: Recipe) -> Recipe:
-        if name in RECIPES:
-            raise ValueError(f"recipe {name!r} is registered twice")
-        RECIPES[name] = recipe
-        return recipe
-
-    return add
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        best.RECIPE,
+        uniform.RECIPE,
+        greedy.RECIPE,
+        learned.LEARNED,
+        learned.LEARNED_BY_LAYER,
+        ensemble.RECIPE,
+        wise_ft.RECIPE,
+    )
+}
+"""Every recipe, in the order the kitchen cooks them by default."""
 
 
 def get_recipe(name: str) -> Recipe:
-    _load_recipe_modules()
     try:
         return RECIPES[name]
     except KeyError:
-        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}") from None
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}") from None
 
 
-def recipe_names() -> list[str]:
-    _load_recipe_modules()
-    return sorted(RECIPES)
-
-
-def cook(name: str, ingredients: Sequence[Ingredient], kitchen: Kitchen | None = None, **options) -> list[Dish]:
-    """Check the ingredients fit together, then run one recipe; returns its dishes (WiSE-FT gives several)."""
+def recipe_options(name: str, options: Mapping[str, Any] | None = None) -> RecipeOptions:
+    """Validate ``options`` against what recipe ``name`` declares; errors name the allowed options."""
     recipe = get_recipe(name)
+    try:
+        return recipe.options.model_validate(dict(options or {}))
+    except ValidationError as err:
+        allowed = ", ".join(recipe.options.model_fields) or "none"
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or name}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"recipe {name!r} options: {problems} (allowed options: {allowed})") from None
+
+
+def cook(
+    name: str, ingredients: Sequence[Ingredient], inputs: RecipeInputs | None = None, **options: Any
+) -> list[Dish]:
+    """Check the ingredients fit together, then run one recipe; returns its dishes (WiSE-FT gives several)."""
+    settings = recipe_options(name, options)
     check_compatible([i.path for i in ingredients])
-    return recipe(list(ingredients), kitchen or Kitchen(), **options)
+    return get_recipe(name).cook(list(ingredients), inputs or RecipeInputs(), settings)
 
 
-def _load_recipe_modules() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        if module.name != "base":
-            importlib.import_module(f"{__name__}.{module.name}")
-
-
-__all__ = ["RECIPES", "Dish", "Kitchen", "Recipe", "cook", "get_recipe", "recipe_names", "register"]
+__all__ = [
+    "RECIPES",
+    "Dish",
+    "FitSet",
+    "Recipe",
+    "RecipeInputs",
+    "RecipeOptions",
+    "cook",
+    "get_recipe",
+    "recipe_options",
+]

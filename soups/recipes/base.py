@@ -1,35 +1,63 @@
-"""What every recipe takes and gives back."""
+"""What every recipe takes and gives back, and how a recipe declares itself and its options."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from soups.checkpoint import Ingredient, StateDict
 
 Evaluate = Callable[[StateDict], float]
-"""Scores a state dict on the held-out set (higher is better), e.g. top-1 accuracy."""
+"""Scores a state dict on the held-out scoring split (higher is better), e.g. top-1 accuracy."""
+
+
+@dataclass(frozen=True)
+class FitSet:
+    """Labelled images a learned soup fits its mixing weights on, batched on the device.
+
+    ``prepare`` turns a stored batch into model inputs (the kitchen stores uint8 images and normalises
+    per batch; tests pass ready float tensors and keep the identity).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
+    device: str = "cpu"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass in ``batch_size`` chunks, reshuffled by ``generator`` when one is given."""
+        order = torch.arange(len(self)) if generator is None else torch.randperm(len(self), generator=generator)
+        for start in range(0, len(self), batch_size):
+            index = order[start : start + batch_size]
+            images = self.images[index].to(self.device)
+            yield (self.prepare(images) if self.prepare else images), self.labels[index].to(self.device)
 
 
 @dataclass
-class Kitchen:
+class RecipeInputs:
     """What recipes may need beyond the ingredients; each recipe says which parts it requires."""
 
     evaluate: Evaluate | None = None
     module: nn.Module | None = None
-    heldout: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
+    fit_batches: FitSet | None = None
     base: Path | None = None
     device: str = "cpu"
 
     def require(self, recipe: str, *parts: str) -> None:
         missing = [p for p in parts if getattr(self, p) is None]
         if missing:
-            raise ValueError(f"recipe {recipe!r} needs kitchen.{', kitchen.'.join(missing)}; provide them to cook it")
+            raise ValueError(f"recipe {recipe!r} needs inputs.{', inputs.'.join(missing)}; provide them to cook it")
 
 
 @dataclass
@@ -44,8 +72,24 @@ class Dish:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-class Recipe(Protocol):
-    def __call__(self, ingredients: list[Ingredient], kitchen: Kitchen, **options: Any) -> list[Dish]: ...
+class RecipeOptions(BaseModel):
+    """A recipe's settings with their defaults; unknown names are errors, so a typo never cooks the default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoOptions(RecipeOptions):
+    """For recipes without settings."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named way to combine ingredients, the options it accepts, and the function that cooks it."""
+
+    name: str
+    cook: Callable[[list[Ingredient], RecipeInputs, Any], list[Dish]]
+    options: type[RecipeOptions] = NoOptions
+    summary: str = ""
 
 
 def best_ingredient(ingredients: Sequence[Ingredient]) -> Ingredient:

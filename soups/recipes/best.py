@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 from soups.checkpoint import Ingredient
-from soups.recipes import register
-from soups.recipes.base import Dish, Kitchen, best_ingredient
+from soups.recipes.base import Dish, NoOptions, Recipe, RecipeInputs, best_ingredient
 from soups.statedict import load_ingredient
 
 
-@register("best")
-def best_single_recipe(ingredients: list[Ingredient], kitchen: Kitchen) -> list[Dish]:
+def best_single(ingredients: list[Ingredient], inputs: RecipeInputs, options: NoOptions) -> list[Dish]:
     best = best_ingredient(ingredients)
-    return [
-        Dish(
-            "best_single",
-            "best",
-            [best],
-            state_dict=load_ingredient(best),
-            details={"heldout_score": best.score, "ingredient": best.name},
-        )
-    ]
+    details = {"heldout_score": best.score, "ingredient": best.name}
+    return [Dish("best_single", "best", [best], state_dict=load_ingredient(best), details=details)]
+
+
+RECIPE = Recipe("best", best_single, NoOptions, "the best ingredient by held-out score")

@@ -9,8 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from soups.checkpoint import Ingredient, StateDict
-from soups.recipes import register
-from soups.recipes.base import Dish, Kitchen
+from soups.recipes.base import Dish, NoOptions, Recipe, RecipeInputs
 from soups.statedict import load_ingredient, to_float32
 
 
@@ -36,10 +35,12 @@ class LogitEnsemble(nn.Module):
         return self
 
 
-@register("ensemble")
-def ensemble_recipe(ingredients: list[Ingredient], kitchen: Kitchen) -> list[Dish]:
-    kitchen.require("ensemble", "module")
+def logit_ensemble(ingredients: list[Ingredient], inputs: RecipeInputs, options: NoOptions) -> list[Dish]:
+    inputs.require("ensemble", "module")
     members = [to_float32(load_ingredient(i)) for i in ingredients]  # fp16 files still run on CPU
-    model = LogitEnsemble(copy.deepcopy(kitchen.module), members)
-    model.to(device=kitchen.device, dtype=next(kitchen.module.parameters()).dtype)
+    model = LogitEnsemble(copy.deepcopy(inputs.module), members)
+    model.to(device=inputs.device, dtype=next(inputs.module.parameters()).dtype)
     return [Dish("ensemble", "ensemble", ingredients, model=model, details={"members": len(members)})]
+
+
+RECIPE = Recipe("ensemble", logit_ensemble, NoOptions, "mean of the ingredients' logits (N forward passes)")

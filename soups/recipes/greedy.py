@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from pydantic import Field
+
 from soups.checkpoint import Ingredient, StateDict
-from soups.recipes import register
-from soups.recipes.base import Dish, Evaluate, Kitchen
+from soups.recipes.base import Dish, Evaluate, Recipe, RecipeInputs, RecipeOptions
 from soups.statedict import blend, cast_like, load_ingredient, to_float32
 
 
@@ -71,14 +72,20 @@ def _with_score(ingredient: Ingredient, score: float) -> Ingredient:
     return Ingredient(ingredient.path, float(score), ingredient.name, ingredient.origin)
 
 
-@register("greedy")
-def greedy_recipe(ingredients: list[Ingredient], kitchen: Kitchen, strict: bool = False) -> list[Dish]:
-    kitchen.require("greedy", "evaluate")
-    result = greedy_soup(ingredients, kitchen.evaluate, strict=strict)
+class GreedyOptions(RecipeOptions):
+    strict: bool = Field(False, description="Keep an ingredient only on a strict gain (the official code's '>').")
+
+
+def greedy_recipe(ingredients: list[Ingredient], inputs: RecipeInputs, options: GreedyOptions) -> list[Dish]:
+    inputs.require("greedy", "evaluate")
+    result = greedy_soup(ingredients, inputs.evaluate, strict=options.strict)
     details = {
         "heldout_score": result.score,
-        "strict": strict,
+        "strict": options.strict,
         "evaluations": result.evaluations,
         "trajectory": [asdict(step) for step in result.trajectory],
     }
     return [Dish("greedy", "greedy", result.accepted, state_dict=result.state_dict, details=details)]
+
+
+RECIPE = Recipe("greedy", greedy_recipe, GreedyOptions, "best-first, keep an ingredient if held-out holds up")

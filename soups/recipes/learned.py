@@ -1,27 +1,41 @@
-"""Learned soup: mixing weights softmax(alpha) and a logit scale trained on the held-out set.
+"""Learned soup: mixing weights softmax(alpha) and a logit scale trained on held-out images.
 
 Global mixing learns one alpha per ingredient; by-layer mixing one per ingredient per tensor. The official
 code rebuilt the mix from N state dicts on the CPU at every step; here each tensor's ingredients are stacked
 once on the device (optionally in bfloat16) and the mixed weights are fed to one base module through
 ``torch.func.functional_call``, so no module is rebuilt and the mix is a single contraction per tensor.
+
+The fit is budgeted in optimiser steps (the paper: 5 epochs of batch 256 over 2 % of ImageNet train, about
+500 steps), with the batch capped at the size of the fitting set and the batches reshuffled every epoch by
+a seeded generator, so a small held-out set still gets a real fit and the result is reproducible.
 The final soup is re-averaged from the files in float32 with the learned coefficients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 from safetensors import safe_open
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
 from soups.checkpoint import Ingredient, StateDict, check_compatible, ensure_finite
-from soups.recipes import register
-from soups.recipes.base import Dish, Kitchen
+from soups.recipes.base import Dish, FitSet, Recipe, RecipeInputs, RecipeOptions
 from soups.statedict import average_checkpoints
+
+
+class LearnedOptions(RecipeOptions):
+    steps: int = Field(500, ge=1, description="AdamW steps in all (the paper's fit is about 500).")
+    lr: float = Field(0.05, gt=0, description="AdamW learning rate of alpha and the logit scale (paper: 0.05).")
+    batch_size: int = Field(256, ge=1, description="Images per step, capped at the size of the fitting set.")
+    seed: int = Field(0, description="Seed of the batch order.")
+    stack_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype the stacked ingredients are held in while fitting (bfloat16 halves memory)."
+    )
 
 
 @dataclass
@@ -31,6 +45,7 @@ class LearnedMix:
     coefficients: torch.Tensor | dict[str, torch.Tensor]
     logit_scale: float
     losses: list[float]
+    batch_size: int
 
 
 def stack_ingredients(
@@ -67,25 +82,27 @@ def mix(stacked: dict[str, torch.Tensor], weights: torch.Tensor | dict[str, torc
 def learn_mixing(
     module: nn.Module,
     paths: list,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    fit: FitSet,
+    options: LearnedOptions,
     *,
     by_layer: bool = False,
-    epochs: int = 5,
-    lr: float = 0.05,
-    stack_dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> LearnedMix:
     """Train softmax(alpha) mixing weights and a logit scale with AdamW (wd 0), from a uniform start."""
+    if len(fit) == 0:
+        raise ValueError("a learned soup needs at least one fitting image")
+    stack_dtype = torch.bfloat16 if options.stack_dtype == "bfloat16" else torch.float32
     stacked, fixed = stack_ingredients(paths, device, stack_dtype)
     module = module.to(device).eval()
-    n = len(paths)
     keys = list(stacked)
-    alpha = torch.zeros((len(keys), n) if by_layer else (n,), device=device, requires_grad=True)
+    alpha = torch.zeros((len(keys), len(paths)) if by_layer else (len(paths),), device=device, requires_grad=True)
     log_scale = torch.zeros((), device=device, requires_grad=True)
-    optimizer = torch.optim.AdamW([alpha, log_scale], lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([alpha, log_scale], lr=options.lr, weight_decay=0.0)
+    batch_size = min(options.batch_size, len(fit))
+    order = torch.Generator().manual_seed(options.seed)
     losses: list[float] = []
-    for _ in range(epochs):
-        for images, labels in batches:
+    while len(losses) < options.steps:
+        for images, labels in fit.batches(batch_size, order):  # a fresh permutation every epoch
             weights = _weights(alpha, keys, by_layer)
             logits = functional_call(module, {**mix(stacked, weights), **fixed}, (images.to(device),))
             loss = F.cross_entropy(logits * log_scale.exp(), labels.to(device))
@@ -93,10 +110,12 @@ def learn_mixing(
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+            if len(losses) == options.steps:
+                break
     with torch.no_grad():
         final = _weights(alpha, keys, by_layer)
         coefficients = final.cpu() if isinstance(final, torch.Tensor) else {k: v.cpu() for k, v in final.items()}
-    return LearnedMix(coefficients, float(log_scale.detach().exp()), losses)
+    return LearnedMix(coefficients, float(log_scale.detach().exp()), losses, batch_size)
 
 
 def _weights(alpha: torch.Tensor, keys: list[str], by_layer: bool) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -104,36 +123,36 @@ def _weights(alpha: torch.Tensor, keys: list[str], by_layer: bool) -> torch.Tens
     return dict(zip(keys, weights, strict=True)) if by_layer else weights
 
 
-def _learned_recipe(name: str, by_layer: bool):
-    def recipe(
-        ingredients: list[Ingredient],
-        kitchen: Kitchen,
-        epochs: int = 5,
-        lr: float = 0.05,
-        stack_dtype: torch.dtype | None = None,
-    ) -> list[Dish]:
-        kitchen.require(name, "module", "heldout")
+def _learned_soup(name: str, by_layer: bool):
+    def cook(ingredients: list[Ingredient], inputs: RecipeInputs, options: LearnedOptions) -> list[Dish]:
+        inputs.require(name, "module", "fit_batches")
         paths = [i.path for i in ingredients]
         learned = learn_mixing(
-            kitchen.module,
-            paths,
-            kitchen.heldout,
-            by_layer=by_layer,
-            epochs=epochs,
-            lr=lr,
-            stack_dtype=stack_dtype,
-            device=kitchen.device,
+            inputs.module, paths, inputs.fit_batches, options, by_layer=by_layer, device=inputs.device
         )
-        state_dict = average_checkpoints(paths, learned.coefficients)
         details = {
             "coefficients": learned.coefficients,
             "logit_scale": learned.logit_scale,
+            "steps": len(learned.losses),
+            "batch_size": learned.batch_size,
+            "final_loss": learned.losses[-1],
             "losses": learned.losses,
         }
+        state_dict = average_checkpoints(paths, learned.coefficients)
         return [Dish(name, name, ingredients, state_dict=state_dict, details=details)]
 
-    return recipe
+    return cook
 
 
-register("learned")(_learned_recipe("learned", by_layer=False))
-register("learned_by_layer")(_learned_recipe("learned_by_layer", by_layer=True))
+LEARNED = Recipe(
+    "learned",
+    _learned_soup("learned", by_layer=False),
+    LearnedOptions,
+    "softmax(alpha) per ingredient, fit on held-out",
+)
+LEARNED_BY_LAYER = Recipe(
+    "learned_by_layer",
+    _learned_soup("learned_by_layer", by_layer=True),
+    LearnedOptions,
+    "softmax(alpha) per ingredient per tensor, fit on held-out",
+)

@@ -1,41 +1,49 @@
 """WiSE-FT baseline: θ = (1−α)·θ_zero-shot + α·θ_fine-tuned, for a list of α (Wortsman et al., 2022b).
 
-The fine-tuned end is the best ingredient by held-out score; the zero-shot end is ``kitchen.base``.
+The fine-tuned end is the best ingredient by held-out score; the zero-shot end is ``inputs.base``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from pydantic import Field, field_validator
 
 from soups.checkpoint import Ingredient, check_compatible
-from soups.recipes import register
-from soups.recipes.base import Dish, Kitchen, best_ingredient
+from soups.recipes.base import Dish, Recipe, RecipeInputs, RecipeOptions, best_ingredient
 from soups.statedict import blend, cast_like, load_ingredient
 
-DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
+
+class WiseFtOptions(RecipeOptions):
+    alphas: list[float] = Field(
+        default_factory=lambda: [round(0.1 * i, 1) for i in range(11)],
+        min_length=1,
+        description="Weights of the fine-tuned end, each in [0, 1]; one dish per alpha.",
+    )
+
+    @field_validator("alphas")
+    @classmethod
+    def _in_unit_interval(cls, alphas: list[float]) -> list[float]:
+        outside = [a for a in alphas if not 0.0 <= a <= 1.0]
+        if outside:
+            raise ValueError(f"WiSE-FT alphas {outside} are outside [0, 1]")
+        return alphas
 
 
-@register("wise_ft")
-def wise_ft_recipe(
-    ingredients: list[Ingredient], kitchen: Kitchen, alphas: Sequence[float] = DEFAULT_ALPHAS
-) -> list[Dish]:
-    kitchen.require("wise_ft", "base")
+def wise_ft(ingredients: list[Ingredient], inputs: RecipeInputs, options: WiseFtOptions) -> list[Dish]:
+    inputs.require("wise_ft", "base")
     finetuned = best_ingredient(ingredients)
-    check_compatible([kitchen.base, finetuned.path])
-    zero_shot = load_ingredient(Ingredient(kitchen.base, name="zero-shot"))
+    check_compatible([inputs.base, finetuned.path])
+    zero_shot = load_ingredient(Ingredient(inputs.base, name="zero-shot"))
     tuned = load_ingredient(finetuned)
-    dishes = []
-    for alpha in alphas:
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"WiSE-FT alpha {alpha} is outside [0, 1]")
-        state_dict = cast_like(blend(zero_shot, tuned, alpha), tuned)
-        dishes.append(
-            Dish(
-                f"wise_ft_{alpha:.2f}",
-                "wise_ft",
-                [finetuned],
-                state_dict=state_dict,
-                details={"alpha": alpha, "finetuned": finetuned.name},
-            )
+    return [
+        Dish(
+            f"wise_ft_{alpha:.2f}",
+            "wise_ft",
+            [finetuned],
+            state_dict=cast_like(blend(zero_shot, tuned, alpha), tuned),
+            details={"alpha": alpha, "finetuned": finetuned.name},
         )
-    return dishes
+        for alpha in options.alphas
+    ]
+
+
+RECIPE = Recipe("wise_ft", wise_ft, WiseFtOptions, "interpolate zero-shot and best ingredient for each alpha")

@@ -1,8 +1,8 @@
 """The sweep's unit of work: fine-tune one ingredient, track it in MLflow, register it, report to Optuna.
 
-Inputs and outputs are plain ids, configs and paths, so a trial can later run as its own flow run on
-another machine: the task reopens the Optuna trial from (storage, study, trial id) and talks to MLflow
-through explicit run ids.
+Inputs are plain ids, configs and paths plus the shared `FinetuneInputs` of this process, so a trial can
+later run as its own flow run on another machine: the task reopens the Optuna trial from (storage, study,
+trial id) and talks to MLflow through explicit run ids.
 """
 
 from __future__ import annotations
@@ -11,18 +11,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import optuna
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from soups.config import PipelineConfig
-from tasks.studies import open_trial, still_running
-from tasks.tracking import (
+from soups.train import EpochReport, FinetuneInputs
+from tasks.adapters.studies import open_trial, still_running
+from tasks.adapters.tracking import (
     PARENT_RUN_TAG,
     client_for,
     flat_params,
     ingredients_model_name,
     log_params,
     sha256_of,
+    tracked_run,
 )
 
 
@@ -45,18 +49,14 @@ class TrialOutcome(BaseModel):
     version: str
     checkpoint: Path
     train_function_seconds: float
-    task_seconds: float
     orchestration_seconds: float | None = None
 
 
-@task(name="train-ingredient", task_run_name="trial-{ref.number}", retries=0)
+@task(name="train-ingredient", task_run_name="trial-{ref.number}", retries=0, cache_policy=NO_CACHE)
 def train_ingredient(
-    config: PipelineConfig, ref: TrialRef, params: dict[str, Any], pretrained: str | None
+    config: PipelineConfig, ref: TrialRef, params: dict[str, Any], inputs: FinetuneInputs
 ) -> TrialOutcome:
     """Fine-tune with the sampled params; a failure marks the MLflow run failed, registers nothing, re-raises."""
-    import optuna
-
-    started = time.perf_counter()
     client = client_for(config.tracking)
     tags = {
         PARENT_RUN_TAG: ref.parent_run_id,
@@ -64,36 +64,25 @@ def train_ingredient(
         "study": ref.study_name,
         "trial_number": str(ref.number),
     }
-    run = client.create_run(ref.experiment_id, run_name=f"trial-{ref.number}", tags=tags)
-    try:
-        outcome = _train_and_register(client, run, config, ref, params, pretrained)
-    except optuna.TrialPruned as pruned:
-        client.set_tag(run.info.run_id, "pruned", str(pruned))
-        client.set_terminated(run.info.run_id, "KILLED")
-        raise
-    except BaseException as err:
-        client.set_tag(run.info.run_id, "failure_reason", f"{type(err).__name__}: {err}"[:5000])
-        client.set_terminated(run.info.run_id, "FAILED")
-        raise
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return outcome.model_copy(update={"task_seconds": time.perf_counter() - started})
+    with tracked_run(client, ref.experiment_id, f"trial-{ref.number}", tags, killed_by=(optuna.TrialPruned,)) as run_id:
+        return _train_and_register(client, run_id, config, ref, params, inputs)
 
 
 def _train_and_register(
-    client, run, config: PipelineConfig, ref: TrialRef, params: dict[str, Any], pretrained: str | None
+    client, run_id: str, config: PipelineConfig, ref: TrialRef, params: dict[str, Any], inputs: FinetuneInputs
 ) -> TrialOutcome:
     from soups.train import finetune
 
-    run_id = run.info.run_id
-    finetune_config = config.finetune_config(params, pretrained)
+    finetune_config = config.finetune_config(params)
     flat = {**flat_params(finetune_config.model_dump(mode="json")), **flat_params(params, "sampled.")}
     log_params(client, run_id, flat)
-    _log_dataset(client, run_id, config)
+    _log_dataset(client, run_id, config, inputs)
     trial = open_trial(ref.storage, ref.study_name, ref.trial_id, config.sweep.pruning)
     checkpoint = ref.checkpoint_dir / f"{ref.study_name}-trial-{ref.number}.safetensors"
     train_started = time.perf_counter()
     result = finetune(
         finetune_config,
+        inputs,
         checkpoint,
         on_epoch=_epoch_reporter(client, run_id, trial, ref, config, finetune_config.train.epochs),
     )
@@ -106,7 +95,7 @@ def _train_and_register(
         raise RuntimeError(f"trial {ref.number} was ended by the sweep while training; not registering it")
     version = client.create_model_version(
         ingredients_model_name(config),
-        source=f"{run.info.artifact_uri}/checkpoint",
+        source=f"{client.get_run(run_id).info.artifact_uri}/checkpoint",
         run_id=run_id,
         tags={
             "study": ref.study_name,
@@ -124,15 +113,11 @@ def _train_and_register(
         version=str(version.version),
         checkpoint=checkpoint,
         train_function_seconds=train_seconds,
-        task_seconds=0.0,
     )
 
 
 def _epoch_reporter(client, run_id: str, trial, ref: TrialRef, config: PipelineConfig, epochs: int):
     """Per-epoch metrics to MLflow and Optuna, progress to the log, and pruning when enabled."""
-    import optuna
-
-    from soups.train import EpochReport
 
     def report(epoch: EpochReport) -> None:
         for key in ("train_loss", "heldout_accuracy", "heldout_loss"):
@@ -145,17 +130,13 @@ def _epoch_reporter(client, run_id: str, trial, ref: TrialRef, config: PipelineC
     return report
 
 
-def _log_dataset(client, run_id: str, config: PipelineConfig) -> None:
+def _log_dataset(client, run_id: str, config: PipelineConfig, inputs: FinetuneInputs) -> None:
     """The training split as an MLflow dataset input (digest of its labels, source = how it was loaded)."""
     import mlflow
-    import numpy as np
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.entities import DatasetInput, InputTag
 
-    from soups.evaluate import bundle_for
-
-    labels = np.asarray(bundle_for(config.data).train.labels)
     source = CodeDatasetSource({"dataset": config.data.model_dump_json()})
-    dataset = mlflow.data.from_numpy(labels, source=source, name=f"{config.data.name}-train")
+    dataset = mlflow.data.from_numpy(inputs.train.labels.numpy(), source=source, name=f"{config.data.name}-train")
     context = InputTag("mlflow.data.context", "train")
     client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [context])])

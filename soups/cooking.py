@@ -1,5 +1,8 @@
-"""The soup kitchen without any orchestration: cook recipes from checkpoint files and score every candidate
-on held-out, test and every shift set with one evaluator (splits decoded once, one module reused).
+"""Cooking without any orchestration: cook recipes from checkpoint files and score every candidate on
+held-out, test and every shift set with one evaluator (splits decoded once, one module reused).
+
+`prepare_cooking` builds, once per kitchen run, everything the recipes and the scoring share; the kitchen
+flow passes that `CookingSetup` to each step instead of rebuilding it.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from typing import Any
 import torch
 
 from soups.checkpoint import Ingredient, load_state_dict, save_state_dict
-from soups.config import FinetuneConfig, KitchenConfig
-from soups.evaluate import Evaluator, ImageTensors, NormalizedBatches, Preprocess, evaluation_splits
-from soups.recipes import Dish, Kitchen, cook
+from soups.config import PipelineConfig, RecipeChoice
+from soups.data import load_dataset
+from soups.evaluate import Evaluator, ImageTensors, Preprocess, evaluation_splits
+from soups.recipes import Dish, FitSet, RecipeInputs, cook
 from soups.runtime import resolve_device
-from soups.train import zero_shot_classifier
+from soups.serving import ClassifierSpec
+from soups.train import zero_shot_start
 
 
 @dataclass
@@ -47,67 +52,66 @@ def promotable(candidates: list[Candidate]) -> list[Candidate]:
 
 
 @dataclass
-class KitchenSetup:
+class CookingSetup:
+    """Built once per kitchen run: the evaluator every candidate is scored with, what recipes receive, and the
+    spec a packaged model needs (architecture, class names, preprocessing)."""
+
     evaluator: Evaluator
-    kitchen: Kitchen
+    recipe_inputs: RecipeInputs
+    spec: ClassifierSpec
 
 
-def prepare(config: FinetuneConfig, workdir: Path, settings: KitchenConfig) -> KitchenSetup:
-    """Zero-shot start (the WiSE-FT base), evaluator over every split, held-out batches for learned soups.
+def prepare_cooking(config: PipelineConfig, workdir: Path) -> CookingSetup:
+    """Zero-shot start (the WiSE-FT base), evaluator over every split, and the learned soups' fitting images.
 
-    Learned soups fit their mixing weights on one part of the held-out set; every candidate is then scored
-    and promoted on the other part ("heldout" in the leaderboard), so a soup is never chosen on the very
-    images it was fitted to. Greedy selection uses that scoring part, as the paper's greedy soup does.
+    Learned soups fit their mixing weights on one part of the held-out split; every candidate is then
+    scored and promoted on the other part (``heldout`` in the leaderboard), so a soup is never chosen on
+    the very images it was fitted to. Greedy selection uses that scoring part, as the paper's greedy soup does.
     """
     device = resolve_device(config.train.device)
-    classifier = zero_shot_classifier(config, device)
+    bundle = load_dataset(config.data)
+    classifier = zero_shot_start(config.model, bundle, device)
     base = save_state_dict(classifier.state_dict(), Path(workdir) / "zero-shot.safetensors")
     preprocess = Preprocess.of(classifier)
-    splits, shifts = evaluation_splits(config.data, preprocess)
-    fit, splits["heldout"] = split_heldout(splits["heldout"], settings.learned_fit_fraction, config.data.seed)
+    splits, shifts = evaluation_splits(bundle, preprocess)
+    fit, splits["heldout"] = split_heldout(splits["heldout"], config.kitchen.learned_fit_fraction, config.data.seed)
     evaluator = Evaluator(
         classifier, splits, preprocess, shifts=shifts, device=device, batch_size=config.train.eval_batch_size
     )
-    learned_batches = NormalizedBatches(fit, preprocess, device, settings.learned_batch_size)
-    kitchen = Kitchen(
-        evaluate=evaluator.accuracy, module=classifier, heldout=learned_batches, base=base, device=str(device)
+    inputs = RecipeInputs(
+        evaluate=evaluator.accuracy,
+        module=classifier,
+        fit_batches=FitSet(fit.images, fit.labels, preprocess.normalize, str(device)),
+        base=base,
+        device=str(device),
     )
-    return KitchenSetup(evaluator, kitchen)
+    return CookingSetup(evaluator, inputs, ClassifierSpec(config.model.name, list(bundle.classnames), preprocess))
 
 
 def split_heldout(data: ImageTensors, fit_fraction: float, seed: int) -> tuple[ImageTensors, ImageTensors]:
-    """A seeded (fit, score) partition of the held-out set."""
+    """A seeded (fit, score) partition of the held-out split."""
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     cut = max(1, min(len(data) - 1, round(fit_fraction * len(data))))
     fit, score = order[:cut], order[cut:]
     return ImageTensors(data.images[fit], data.labels[fit]), ImageTensors(data.images[score], data.labels[score])
 
 
-def recipe_options(recipe: str, settings: KitchenConfig) -> dict[str, Any]:
-    return {
-        "greedy": {"strict": settings.greedy_strict},
-        "learned": {"epochs": settings.learned_epochs},
-        "learned_by_layer": {"epochs": settings.learned_epochs},
-        "wise_ft": {"alphas": settings.wise_ft_alphas},
-    }.get(recipe, {})
-
-
-def score_ingredients(setup: KitchenSetup, ingredients: Sequence[Ingredient]) -> list[Candidate]:
+def score_ingredients(setup: CookingSetup, ingredients: Sequence[Ingredient]) -> list[Candidate]:
     return [
         Candidate(i.name, "ingredient", [i.name], setup.evaluator.report(load_state_dict(i.path)), i.path)
         for i in ingredients
     ]
 
 
-def cook_recipe(
-    setup: KitchenSetup, recipe: str, ingredients: Sequence[Ingredient], settings: KitchenConfig, out_dir: Path
+def cook_and_score(
+    setup: CookingSetup, choice: RecipeChoice, ingredients: Sequence[Ingredient], out_dir: Path
 ) -> list[Candidate]:
     """Cook one recipe, write each single-model dish to ``out_dir``, and score it on every split."""
-    dishes = cook(recipe, ingredients, setup.kitchen, **recipe_options(recipe, settings))
-    return [_serve(setup, dish, Path(out_dir)) for dish in dishes]
+    dishes = cook(choice.name, ingredients, setup.recipe_inputs, **choice.options)
+    return [_save_and_score(setup, dish, Path(out_dir)) for dish in dishes]
 
 
-def _serve(setup: KitchenSetup, dish: Dish, out_dir: Path) -> Candidate:
+def _save_and_score(setup: CookingSetup, dish: Dish, out_dir: Path) -> Candidate:
     names = [i.name for i in dish.ingredients]
     details = jsonable(dish.details)
     if dish.state_dict is None:

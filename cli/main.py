@@ -16,16 +16,15 @@ class UsageError(Exception):
 
 
 def cook_command(args: argparse.Namespace) -> None:
-    from soups.checkpoint import CheckpointError, Ingredient, save_state_dict, torch_dtype
+    from soups.checkpoint import CheckpointError, Ingredient, save_state_dict
     from soups.recipes import cook
 
     out = Path(args.out)
     if out.resolve() in {Path(p).resolve() for p in args.inputs}:
         raise UsageError(f"--out {out} is also an input; write the soup to a new file")
     try:
-        dtype = torch_dtype(args.dtype) if args.dtype else None
         ingredients = [Ingredient(Path(p)) for p in args.inputs]
-        (dish,) = cook("uniform", ingredients, dtype=dtype)
+        (dish,) = cook("uniform", ingredients, dtype=args.dtype)
     except (CheckpointError, ValueError) as err:
         raise UsageError(str(err)) from err
     metadata = {"recipe": "uniform", "ingredients": ",".join(str(i.path) for i in ingredients)}
@@ -67,15 +66,16 @@ def _prepare_environment(root: Path) -> None:
 
 def pretrain_command(args: argparse.Namespace) -> None:
     config = _config_from(args)
-    if config.pretrain is None or config.model.pretrained is not None:
+    from soups.pretrain import needs_offline_start
+
+    if not needs_offline_start(config):
         raise UsageError("this config fine-tunes from model.pretrained; set it to null and keep a pretrain section")
-    from soups.evaluate import bundle_for
-    from soups.pretrain import pretrain
+    from soups.data import load_dataset
+    from soups.pretrain import pretrain, start_path
     from soups.runtime import resolve_device
-    from tasks.pretraining import pretrained_start
 
     device = resolve_device(config.train.device)
-    result = pretrain(config.pretrain, config.model.name, bundle_for(config.data), pretrained_start(config), device)
+    result = pretrain(config.pretrain, config.model.name, load_dataset(config.data), start_path(config), device)
     print(f"zero-shot held-out accuracy {result.zero_shot_accuracy:.3f} after {result.seconds:.1f}s")
     print(f"pretrained checkpoint: {result.checkpoint}")
 
@@ -83,6 +83,10 @@ def pretrain_command(args: argparse.Namespace) -> None:
 def stage_command(args: argparse.Namespace) -> None:
     """``soups run|sweep|kitchen|promote``: one stage (or all) as a Prefect flow run."""
     config = _config_from(args)
+    if args.command != "run":  # fail before a Prefect server starts; `run` pretrains when it must
+        from soups.pretrain import with_resolved_start
+
+        config = with_resolved_start(config)
     _prepare_environment(config.tracking.root)
     started = time.perf_counter()
     if args.command == "run":
@@ -92,9 +96,8 @@ def stage_command(args: argparse.Namespace) -> None:
         _print_summary(config, result["kitchen"], time.perf_counter() - started)
     elif args.command == "sweep":
         from flows.sweep import sweep_flow
-        from tasks.pretraining import resolve_pretrained
 
-        result = sweep_flow(config, resolve_pretrained(config))
+        result = sweep_flow(config)
         print(f"{len(result['finished'])} trials finished, {len(result['failed'])} failed or pruned")
     elif args.command == "kitchen":
         from flows.kitchen import kitchen_flow

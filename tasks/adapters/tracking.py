@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from soups.config import PipelineConfig, TrackingConfig
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
+_TAG_LIMIT = 5000
 
 
 def client_for(tracking: TrackingConfig) -> MlflowClient:
@@ -80,12 +81,22 @@ def local_artifact(client: MlflowClient, run_id: str, artifact_path: str, into: 
 
 
 @contextmanager
-def tracked_run(client: MlflowClient, experiment_id: str, name: str, tags: Mapping[str, str]) -> Iterator[str]:
-    """An MLflow run that ends FINISHED, or FAILED when the block raises: never left RUNNING."""
+def tracked_run(
+    client: MlflowClient,
+    experiment_id: str,
+    name: str,
+    tags: Mapping[str, str],
+    killed_by: tuple[type[BaseException], ...] = (),
+) -> Iterator[str]:
+    """An MLflow run that ends FINISHED, or FAILED with a ``failure_reason`` tag when the block raises (KILLED
+    with a ``killed_reason`` tag for the ``killed_by`` exceptions, e.g. a pruned trial): never left RUNNING."""
     run_id = client.create_run(experiment_id, run_name=name, tags=dict(tags)).info.run_id
     try:
         yield run_id
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
+    except BaseException as err:
+        killed = isinstance(err, killed_by)
+        reason = f"{type(err).__name__}: {err}"[:_TAG_LIMIT]
+        client.set_tag(run_id, "killed_reason" if killed else "failure_reason", reason)
+        client.set_terminated(run_id, "KILLED" if killed else "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")

@@ -1,23 +1,32 @@
-"""Kitchen tasks: gather ingredients from the registry, cook and score candidates, report, register soups.
+"""Cooking tasks of the kitchen flow: gather ingredients from the registry, cook and score candidates, report,
+register the soups.
 
-Tasks take configs, ids and paths. The evaluator (decoded splits plus one module) is built once per process
-and per (config, pretrained start), so the recipes cooked one after another share it.
+The kitchen flow builds one `CookingSetup` (evaluator, decoded splits, classifier spec) per run and hands it
+to these tasks; they never rebuild it. Tasks that take it are not cached (modules cannot be hashed).
 """
 
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+import time
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from soups.checkpoint import Ingredient, weights_digest
-from soups.config import PipelineConfig
-from soups.kitchen import Candidate, KitchenSetup, cook_recipe, prepare, promotable, score_ingredients
-from tasks.tracking import PARENT_RUN_TAG, client_for, ingredients_model_name, local_artifact, sha256_of, tracked_run
+from soups.config import PipelineConfig, RecipeChoice
+from soups.cooking import Candidate, CookingSetup, cook_and_score, promotable, score_ingredients
+from tasks.adapters.tracking import (
+    PARENT_RUN_TAG,
+    client_for,
+    ingredients_model_name,
+    local_artifact,
+    sha256_of,
+    tracked_run,
+)
 
 
 class IngredientRef(BaseModel):
@@ -25,9 +34,6 @@ class IngredientRef(BaseModel):
 
     version: str
     run_id: str
-    trial_number: int
-    score: float
-    sha256: str
     checkpoint: Path
 
     @property
@@ -35,10 +41,9 @@ class IngredientRef(BaseModel):
         return f"ingredient-v{self.version}"
 
     def ingredient(self, score: float | None = None) -> Ingredient:
-        """As a recipe ingredient; ``score`` replaces the training-time held-out score (the kitchen re-scores
-        every ingredient with the evaluator it scores soups with, so greedy compares like with like)."""
-        origin = {"version": self.version, "run_id": self.run_id}
-        return Ingredient(self.checkpoint, self.score if score is None else score, self.name, origin)
+        """As a recipe ingredient with its held-out ``score`` as the kitchen measured it (greedy compares like
+        with like: every ingredient is scored with the evaluator the soups are scored with)."""
+        return Ingredient(self.checkpoint, score, self.name, {"version": self.version, "run_id": self.run_id})
 
 
 class ChecksumMismatchError(RuntimeError):
@@ -71,49 +76,26 @@ def gather_ingredients(config: PipelineConfig, into: Path) -> list[IngredientRef
                 f"{path} (ingredient version {version.version}) has sha256 {digest}, registered "
                 f"{version.tags['sha256']}; the artifact store copy is damaged, re-run that trial"
             )
-        refs.append(
-            IngredientRef(
-                version=str(version.version),
-                run_id=version.run_id,
-                trial_number=int(version.tags["trial_number"]),
-                score=float(version.tags["heldout_accuracy"]),
-                sha256=digest,
-                checkpoint=path,
-            )
-        )
+        refs.append(IngredientRef(version=str(version.version), run_id=version.run_id, checkpoint=path))
     print(f"gathered {len(refs)} ingredients: versions {', '.join(r.version for r in refs)}")
     return refs
 
 
-@lru_cache(maxsize=2)
-def _setup(config_json: str, pretrained: str | None, workdir: str) -> KitchenSetup:
-    config = PipelineConfig.model_validate_json(config_json)
-    return prepare(config.finetune_config(pretrained=pretrained), Path(workdir), config.kitchen)
+@task(name="score-ingredients", cache_policy=NO_CACHE)
+def score_ingredients_task(setup: CookingSetup, refs: list[IngredientRef]) -> list[Candidate]:
+    return score_ingredients(setup, [r.ingredient() for r in refs])
 
 
-def kitchen_setup(config: PipelineConfig, pretrained: str | None, workdir: Path) -> KitchenSetup:
-    return _setup(config.model_dump_json(), pretrained, str(workdir))
-
-
-@task(name="score-ingredients")
-def score_ingredients_task(
-    config: PipelineConfig, refs: list[IngredientRef], pretrained: str | None, workdir: Path
-) -> list[Candidate]:
-    return score_ingredients(kitchen_setup(config, pretrained, workdir), [r.ingredient() for r in refs])
-
-
-@task(name="cook", task_run_name="cook-{recipe}")
+@task(name="cook", task_run_name="cook-{choice.name}", cache_policy=NO_CACHE)
 def cook_task(
-    config: PipelineConfig,
-    recipe: str,
+    setup: CookingSetup,
+    choice: RecipeChoice,
     refs: list[IngredientRef],
     heldout_scores: dict[str, float],
-    pretrained: str | None,
-    workdir: Path,
+    out_dir: Path,
 ) -> list[Candidate]:
-    setup = kitchen_setup(config, pretrained, workdir)
     ingredients = [r.ingredient(heldout_scores[r.name]) for r in refs]
-    candidates = cook_recipe(setup, recipe, ingredients, config.kitchen, workdir / "soups")
+    candidates = cook_and_score(setup, choice, ingredients, out_dir)
     for c in candidates:
         print(
             f"{c.name}: held-out {c.scores['heldout']:.4f}, test {c.scores['test']:.4f}, "
@@ -164,14 +146,14 @@ class RegisteredCandidate(BaseModel):
     scores: dict[str, float]
 
 
-@task(name="register-soups")
+@task(name="register-soups", cache_policy=NO_CACHE)
 def register_candidates(
     config: PipelineConfig,
     experiment_id: str,
     kitchen_run_id: str,
     candidates: list[Candidate],
     refs: list[IngredientRef],
-    pretrained: str | None,
+    setup: CookingSetup,
     workdir: Path,
 ) -> list[RegisteredCandidate]:
     """Each promotable model (soups, best single, best WiSE-FT) as a version of the registered model
@@ -182,7 +164,6 @@ def register_candidates(
         for v in client.search_model_versions(f"name='{config.experiment}'")
     }
     versions_by_name = {r.name: r.version for r in refs}
-    setup = kitchen_setup(config, pretrained, workdir)
     registered = []
     for candidate in promotable(candidates):
         digest = weights_digest(candidate.checkpoint)
@@ -212,29 +193,32 @@ def _log_and_register(
     experiment_id: str,
     kitchen_run_id: str,
     candidate: Candidate,
-    setup: KitchenSetup,
+    setup: CookingSetup,
     workdir: Path,
     lineage: dict[str, str],
 ) -> str:
     """One nested run per soup (scores, details.json, the pyfunc model) and a registry version whose tags
     are set at creation, so a version never exists without its sha256 and lineage."""
-    from tasks.packaging import log_classifier_model
+    from mlflow.entities import Metric
+
+    from tasks.adapters.packaging import log_classifier_model
 
     client = client_for(config.tracking)
     tags = {PARENT_RUN_TAG: kitchen_run_id, "kind": "soup", "recipe": candidate.recipe}
     with tracked_run(client, experiment_id, candidate.name, tags) as run_id:
         for key, value in candidate.scores.items():
             client.log_metric(run_id, key, value)
+        losses = candidate.details.get("losses", [])
+        for start in range(0, len(losses), 1000):  # the learned soup's fit, one point per optimiser step
+            now = int(time.time() * 1000)
+            batch = [Metric("fit_loss", v, now, start + i + 1) for i, v in enumerate(losses[start : start + 1000])]
+            client.log_batch(run_id, metrics=batch)
         client.log_dict(run_id, {"ingredients": candidate.ingredients, **candidate.details}, "details.json")
-        coefficients = json.dumps(candidate.details.get("coefficients", ""))
-        if len(coefficients) > _TAG_LIMIT:
-            coefficients = f"per tensor, see details.json of run {run_id}"
-        info = log_classifier_model(config, run_id, candidate.checkpoint, setup, Path(workdir) / candidate.name)
-        version = client.create_model_version(
-            config.experiment,
-            source=info.model_uri,
-            run_id=run_id,
-            model_id=info.model_id,
-            tags={**lineage, "coefficients": coefficients},
-        )
+        version_tags = dict(lineage)
+        if "coefficients" in candidate.details:
+            coefficients = json.dumps(candidate.details["coefficients"])
+            too_long = len(coefficients) > _TAG_LIMIT
+            version_tags["coefficients"] = f"per tensor, see details.json of run {run_id}" if too_long else coefficients
+        source = log_classifier_model(client, run_id, candidate.checkpoint, setup.spec, Path(workdir) / candidate.name)
+        version = client.create_model_version(config.experiment, source=source, run_id=run_id, tags=version_tags)
     return str(version.version)

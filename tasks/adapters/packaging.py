@@ -1,0 +1,72 @@
+"""Package a classifier as an MLflow pyfunc model from code: weights (safetensors) and a JSON spec as
+artifacts, a signature, explicit pip requirements and the ``soups`` package as code; nothing pickled.
+
+The model is saved locally and uploaded to the run through an explicit client, so no fluent MLflow state
+(tracking URI, active run) is touched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from mlflow import MlflowClient
+
+from soups.serving import WEIGHTS_FILE, ClassifierSpec, write_spec
+
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+SOUPS_PACKAGE = Path(__file__).resolve().parents[2] / "soups"
+MODEL_ARTIFACT = "classifier"
+
+
+def pip_requirements() -> list[str]:
+    pinned = ["torch", "torchvision", "open_clip_torch", "safetensors", "numpy", "pydantic", "pandas", "scikit-learn"]
+    return [f"{name}=={metadata.version(name)}" for name in pinned]
+
+
+def log_classifier_model(
+    client: MlflowClient, run_id: str, checkpoint: Path, spec: ClassifierSpec, folder: Path
+) -> str:
+    """Save the model under ``folder`` and upload it to the run as ``classifier``; returns its artifact URI."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / WEIGHTS_FILE
+    shutil.copyfile(checkpoint, weights)
+    spec_path = write_spec(spec, folder)
+    size = spec.preprocess.size
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(spec.classnames)))]),
+    )
+    model_dir = folder / MODEL_ARTIFACT
+    shutil.rmtree(model_dir, ignore_errors=True)
+    with warnings.catch_warnings():
+        # The signature is explicit and an input example would cost a prediction per logged model.
+        warnings.filterwarnings("ignore", message=".*(input example|type hints).*")
+        mlflow.pyfunc.save_model(
+            str(model_dir),
+            python_model=str(MODEL_CODE),
+            artifacts={"weights": str(weights), "spec": str(spec_path)},
+            code_paths=[str(SOUPS_PACKAGE)],
+            pip_requirements=pip_requirements(),
+            signature=signature,
+        )
+    client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+    return f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+
+
+def download_model_weights(client: MlflowClient, name: str, version: str, folder: Path) -> Path:
+    """The safetensors weights of a registered version, fetched locally (never unpickled)."""
+    registered = client.get_model_version(name, version)
+    folder.mkdir(parents=True, exist_ok=True)
+    local = client.download_artifacts(registered.run_id, MODEL_ARTIFACT, str(folder))
+    weights = next(Path(local).rglob(WEIGHTS_FILE), None)
+    if weights is None:
+        raise FileNotFoundError(f"version {version} of {name} has no {WEIGHTS_FILE}; cannot score it")
+    return weights

@@ -112,14 +112,17 @@ def stage_command(args: argparse.Namespace) -> None:
 def _print_summary(config, kitchen: dict, seconds: float) -> None:
     import pandas as pd
 
+    from soups.report import format_leaderboard
+
     board = pd.DataFrame(kitchen["leaderboard"])
-    print("\nLeaderboard (accuracy; held-out picks, test and shifts only report):")
-    print(board.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print("\nLeaderboard (accuracy [95 % interval]; held-out picks, test and shifts only report):")
+    print(format_leaderboard(board))
     promotion = kitchen["promotion"]
     print(
         f"\nChampion decision: {promotion['candidate']} (version {promotion['candidate_version']}, "
         f"{promotion['metric']} {promotion['candidate_score']:.4f}) -> {promotion['outcome']}"
     )
+    print(f"Margin: {promotion['margin']}")
     print(
         f"Finished in {seconds:.0f}s. Load it anywhere with "
         f"mlflow.pyfunc.load_model('models:/{config.experiment}@champion')."

@@ -34,7 +34,7 @@ def kitchen_flow(config: PipelineConfig) -> dict:
         heldout_scores = {c.name: c.scores["heldout"] for c in candidates}
         for choice in config.kitchen.recipes:
             candidates += cook_task(setup, choice, refs, heldout_scores, workdir / "soups")
-        board = log_kitchen_report(config, run_id, candidates, workdir)
+        board = log_kitchen_report(config, run_id, candidates, setup, workdir)
         registered = register_candidates(config, experiment_id, run_id, candidates, refs, setup, workdir)
         decision = promote(config, run_id, registered, setup, workdir)
     return {

@@ -8,8 +8,7 @@ from soups.config import PipelineConfig
 from soups.cooking import prepare_cooking
 from soups.pretrain import with_resolved_start
 from tasks.adapters.tracking import client_for, ensure_experiment, tracked_run
-from tasks.cooking import RegisteredCandidate
-from tasks.promotion import promote, rescore
+from tasks.promotion import promote, registered_candidate, rescore
 
 
 @flow(name="promote", log_prints=True)
@@ -27,12 +26,9 @@ def promote_flow(config: PipelineConfig) -> dict:
     with tracked_run(client, experiment_id, f"promote-{config.study_name}", {"kind": "promotion"}) as run_id:
         workdir = (config.tracking.root / "promote" / run_id).resolve()
         setup = prepare_cooking(config, workdir)
-        candidates = []
-        for version in versions:
-            recipe = version.tags.get("recipe", "unknown")
-            scores = rescore(client, config, str(version.version), setup, workdir)
-            candidates.append(
-                RegisteredCandidate(name=recipe, recipe=recipe, version=str(version.version), scores=scores)
-            )
+        candidates = [
+            registered_candidate(version, rescore(client, config, str(version.version), setup, workdir))
+            for version in versions
+        ]
         decision = promote(config, run_id, candidates, setup, workdir)
     return decision.model_dump()

@@ -31,6 +31,12 @@ class DataConfig(_Section):
     root: Path | None = Field(None, description="imagefolder: folder with train/ val/ test/ (+ shift folders).")
     manifest: Path | None = Field(None, description="csv: manifest with columns path,label[,split].")
     seed: int = Field(0, description="Seed of the split and of the generated shift sets.")
+    ood_val: list[str] = Field(
+        default_factory=list,
+        description="Shift sets for robustness-aware selection, never built from test images: digits builds the "
+        "named transforms (rotate, noise, blur, invert) from held-out images; imagefolder/csv take the named "
+        "extra folders / split values out of the reported shifts.",
+    )
 
     @model_validator(mode="after")
     def _paths_given(self) -> DataConfig:
@@ -150,8 +156,13 @@ class KitchenConfig(_Section):
         description="Part of held-out that learned soups fit on; the rest (the leaderboard's `heldout`) scores "
         "every candidate.",
     )
-    promotion_metric: Literal["heldout", "shift_mean"] = Field(
-        "heldout", description="Metric that picks the champion; the test set never does."
+    promotion_metric: Literal["heldout", "ood_val_mean"] = Field(
+        "heldout",
+        description="Metric that picks the champion: held-out accuracy, or the mean over data.ood_val sets (built "
+        "from held-out images). Test and the reported shift sets never choose a model.",
+    )
+    bootstrap: int = Field(
+        1000, ge=0, description="Bootstrap resamples behind each accuracy's 95 % interval; 0 turns intervals off."
     )
     ingredient_versions: list[int] | None = Field(None, description="Registry versions to cook; default: the study's.")
 
@@ -216,6 +227,12 @@ class PipelineConfig(_Section):
         default_factory=PretrainConfig,
         description="Pretrain offline when model.pretrained is null; set to null to fine-tune from random init.",
     )
+
+    @model_validator(mode="after")
+    def _ood_val_to_promote_on(self) -> PipelineConfig:
+        if self.kitchen.promotion_metric == "ood_val_mean" and not self.data.ood_val:
+            raise ValueError("kitchen.promotion_metric ood_val_mean needs data.ood_val sets; name some or use heldout")
+        return self
 
     @model_validator(mode="after")
     def _space_fits_train(self) -> PipelineConfig:

@@ -18,7 +18,7 @@ import torch
 from soups.checkpoint import Ingredient, load_state_dict, save_state_dict
 from soups.config import PipelineConfig, RecipeChoice
 from soups.data import load_dataset
-from soups.evaluate import Evaluator, ImageTensors, Preprocess, evaluation_splits
+from soups.evaluate import Evaluator, ImageTensors, Preprocess, decode, evaluation_splits
 from soups.recipes import Dish, FitSet, RecipeInputs, cook
 from soups.runtime import resolve_device
 from soups.serving import ClassifierSpec
@@ -35,6 +35,7 @@ class Candidate:
     scores: dict[str, float]
     checkpoint: Path | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def is_single_model(self) -> bool:
@@ -42,12 +43,18 @@ class Candidate:
         return self.checkpoint is not None
 
 
+def selection_key(metric: str, scores: dict[str, float], ingredients: int) -> tuple[float, float, int]:
+    """Higher is better: the selection metric, then lower held-out loss, then fewer ingredients (cheaper to
+    explain). Only held-out-derived numbers: test and the reported shift sets never choose a model."""
+    return scores[metric], -scores["heldout_loss"], -ingredients
+
+
 def promotable(candidates: list[Candidate]) -> list[Candidate]:
     """Single-model candidates other than raw ingredients; of the WiSE-FT sweep only its best α by held-out."""
     chosen = [c for c in candidates if c.is_single_model and c.recipe not in ("ingredient", "wise_ft")]
     wise = [c for c in candidates if c.recipe == "wise_ft"]
     if wise:
-        chosen.append(max(wise, key=lambda c: c.scores["heldout"]))
+        chosen.append(max(wise, key=lambda c: selection_key("heldout", c.scores, len(c.ingredients))))
     return chosen
 
 
@@ -74,9 +81,23 @@ def prepare_cooking(config: PipelineConfig, workdir: Path) -> CookingSetup:
     base = save_state_dict(classifier.state_dict(), Path(workdir) / "zero-shot.safetensors")
     preprocess = Preprocess.of(classifier)
     splits, shifts = evaluation_splits(bundle, preprocess)
-    fit, splits["heldout"] = split_heldout(splits["heldout"], config.kitchen.learned_fit_fraction, config.data.seed)
+    fraction, seed = config.kitchen.learned_fit_fraction, config.data.seed
+    fit_rows, score_rows = heldout_partition(len(splits["heldout"]), fraction, seed)
+    fit, splits["heldout"] = splits["heldout"].subset(fit_rows), splits["heldout"].subset(score_rows)
+    for name, dataset in bundle.ood_val.items():
+        decoded = decode(dataset, preprocess)
+        # Sets made from the held-out images themselves keep only the scoring part, like held-out.
+        splits[f"oodval_{name}"] = decoded.subset(score_rows) if _same_images(dataset, bundle.heldout) else decoded
     evaluator = Evaluator(
-        classifier, splits, preprocess, shifts=shifts, device=device, batch_size=config.train.eval_batch_size
+        classifier,
+        splits,
+        preprocess,
+        shifts=shifts,
+        ood_val=tuple(f"oodval_{name}" for name in bundle.ood_val),
+        device=device,
+        batch_size=config.train.eval_batch_size,
+        bootstrap=config.kitchen.bootstrap,
+        seed=config.data.seed,
     )
     inputs = RecipeInputs(
         evaluate=evaluator.accuracy,
@@ -84,23 +105,41 @@ def prepare_cooking(config: PipelineConfig, workdir: Path) -> CookingSetup:
         fit_batches=FitSet(fit.images, fit.labels, preprocess.normalize, str(device)),
         base=base,
         device=str(device),
+        heldout_logits=evaluator.logits,
+        heldout_labels=evaluator.labels(),
     )
     return CookingSetup(evaluator, inputs, ClassifierSpec(config.model.name, list(bundle.classnames), preprocess))
 
 
+def heldout_partition(size: int, fit_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded disjoint (fit, score) row indices of the held-out split."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    cut = max(1, min(size - 1, round(fit_fraction * size)))
+    return order[:cut], order[cut:]
+
+
 def split_heldout(data: ImageTensors, fit_fraction: float, seed: int) -> tuple[ImageTensors, ImageTensors]:
-    """A seeded (fit, score) partition of the held-out split."""
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    cut = max(1, min(len(data) - 1, round(fit_fraction * len(data))))
-    fit, score = order[:cut], order[cut:]
-    return ImageTensors(data.images[fit], data.labels[fit]), ImageTensors(data.images[score], data.labels[score])
+    """The held-out split cut into the learned soups' fitting part and the scoring part."""
+    fit, score = heldout_partition(len(data), fit_fraction, seed)
+    return data.subset(fit), data.subset(score)
+
+
+def _same_images(dataset: Any, heldout: Any) -> bool:
+    """Whether ``dataset`` is a transformed copy of the held-out split, row for row (digits' ood-val sets)."""
+    rows, held = getattr(dataset, "indices", None), getattr(heldout, "indices", None)
+    return rows is not None and held is not None and len(rows) == len(held) and bool((rows == held).all())
 
 
 def score_ingredients(setup: CookingSetup, ingredients: Sequence[Ingredient]) -> list[Candidate]:
-    return [
-        Candidate(i.name, "ingredient", [i.name], setup.evaluator.report(load_state_dict(i.path)), i.path)
-        for i in ingredients
-    ]
+    candidates = []
+    for ingredient in ingredients:
+        report = setup.evaluator.report(load_state_dict(ingredient.path))
+        candidates.append(
+            Candidate(
+                ingredient.name, "ingredient", [ingredient.name], report.scores, ingredient.path, {}, report.intervals
+            )
+        )
+    return candidates
 
 
 def cook_and_score(
@@ -115,11 +154,13 @@ def _save_and_score(setup: CookingSetup, dish: Dish, out_dir: Path) -> Candidate
     names = [i.name for i in dish.ingredients]
     details = jsonable(dish.details)
     if dish.state_dict is None:
-        return Candidate(dish.name, dish.recipe, names, setup.evaluator.report(model=dish.model), None, details)
+        report = setup.evaluator.report(model=dish.model)
+        return Candidate(dish.name, dish.recipe, names, report.scores, None, details, report.intervals)
     checkpoint = save_state_dict(
         dish.state_dict, out_dir / f"{dish.name}.safetensors", {"recipe": dish.recipe, "ingredients": json.dumps(names)}
     )
-    return Candidate(dish.name, dish.recipe, names, setup.evaluator.report(dish.state_dict), checkpoint, details)
+    report = setup.evaluator.report(dish.state_dict)
+    return Candidate(dish.name, dish.recipe, names, report.scores, checkpoint, details, report.intervals)
 
 
 def jsonable(value: Any) -> Any:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -78,6 +78,8 @@ class DatasetBundle:
     test: Dataset
     shifts: dict[str, Dataset]
     pretrain: Dataset | None
+    ood_val: dict[str, Dataset] = field(default_factory=dict)
+    """Shift sets that may select models (``data.ood_val``): never built from test images."""
 
 
 class ArrayDataset(Dataset):
@@ -194,11 +196,18 @@ def load_digits_bundle(config: DataConfig) -> DatasetBundle:
     split_idx = stratified_split(labels, list(DIGITS_FRACTIONS.values()), config.seed)
     parts = dict(zip(DIGITS_FRACTIONS, split_idx, strict=True))
     splits = {name: ArrayDataset(images[idx], labels[idx], idx) for name, idx in parts.items()}
-    test = parts["test"]
+    test, heldout = parts["test"], parts["heldout"]
     shifts: dict[str, Dataset] = {
         name: ArrayDataset(make(images[test], np.random.default_rng([config.seed, k])), labels[test], test)
         for k, (name, make) in enumerate(DIGIT_SHIFTS.items())
     }
+    unknown = sorted(set(config.ood_val) - set(DIGIT_SHIFTS))
+    if unknown:
+        raise DatasetError(f"data.ood_val names {unknown}; digits can build: {', '.join(DIGIT_SHIFTS)}")
+    ood_val: dict[str, Dataset] = {}  # the same transforms on held-out images, with their own random draws
+    for k, name in enumerate(config.ood_val):
+        shifted = DIGIT_SHIFTS[name](images[heldout], np.random.default_rng([config.seed, 1000 + k]))
+        ood_val[name] = ArrayDataset(shifted, labels[heldout], heldout)
     return DatasetBundle(
         name="digits",
         classnames=list(DIGIT_NAMES),
@@ -208,6 +217,7 @@ def load_digits_bundle(config: DataConfig) -> DatasetBundle:
         test=splits["test"],
         shifts=shifts,
         pretrain=splits["pretrain"],
+        ood_val=ood_val,
     )
 
 
@@ -272,9 +282,8 @@ def load_imagefolder_bundle(config: DataConfig) -> DatasetBundle:
     if not classnames:
         raise DatasetError(f"split folder {root / 'train'} has no class sub-folders; add one per class")
     splits = {split: _scan_split(root / split, classnames) for split in CORE_SPLITS}
-    shifts: dict[str, Dataset] = {
-        d.name: _scan_split(d, classnames) for d in _visible_dirs(root) if d.name not in CORE_SPLITS
-    }
+    extra = {d.name: _scan_split(d, classnames) for d in _visible_dirs(root) if d.name not in CORE_SPLITS}
+    shifts, ood_val = _set_aside_ood_val(extra, config, f"folders of {root}")
     return DatasetBundle(
         name="imagefolder",
         classnames=classnames,
@@ -284,7 +293,19 @@ def load_imagefolder_bundle(config: DataConfig) -> DatasetBundle:
         test=splits["test"],
         shifts=shifts,
         pretrain=None,
+        ood_val=ood_val,
     )
+
+
+def _set_aside_ood_val(
+    extra: dict[str, Dataset], config: DataConfig, where: str
+) -> tuple[dict[str, Dataset], dict[str, Dataset]]:
+    """Split the extra sets into reported shifts and the ood-validation sets named by ``data.ood_val``."""
+    missing = sorted(set(config.ood_val) - set(extra))
+    if missing:
+        raise DatasetError(f"data.ood_val names {missing}, which are not among the {where}: {', '.join(extra)}")
+    shifts = {name: ds for name, ds in extra.items() if name not in config.ood_val}
+    return shifts, {name: extra[name] for name in config.ood_val}
 
 
 def _read_manifest(manifest: Path) -> tuple[list[dict[str, str]], bool]:
@@ -339,6 +360,8 @@ def load_csv_bundle(config: DataConfig) -> DatasetBundle:
                 f"manifest {manifest} has no {split!r} rows; add some (or more rows per class for the automatic split)"
             )
     datasets = {split: FileDataset(paths, labels) for split, (paths, labels) in grouped.items()}
+    extra = {split: ds for split, ds in datasets.items() if split not in CORE_SPLITS}
+    shifts, ood_val = _set_aside_ood_val(extra, config, f"split values of {manifest}")
     return DatasetBundle(
         name="csv",
         classnames=classnames,
@@ -346,8 +369,9 @@ def load_csv_bundle(config: DataConfig) -> DatasetBundle:
         train=datasets["train"],
         heldout=datasets["val"],
         test=datasets["test"],
-        shifts={split: ds for split, ds in datasets.items() if split not in CORE_SPLITS},
+        shifts=shifts,
         pretrain=None,
+        ood_val=ood_val,
     )
 
 

@@ -8,7 +8,7 @@ loaded into one existing module with ``load_state_dict`` rather than rebuilt.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 
 from soups.checkpoint import StateDict
 from soups.data import DatasetBundle
+from soups.intervals import bootstrap_interval
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,9 @@ class ImageTensors:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, rows: torch.Tensor) -> ImageTensors:
+        return ImageTensors(self.images[rows], self.labels[rows])
+
     def batches(self, batch_size: int):
         for start in range(0, len(self), batch_size):
             yield self.images[start : start + batch_size], self.labels[start : start + batch_size]
@@ -100,6 +104,20 @@ class Metrics:
     accuracy: float
     loss: float
     count: int
+    hits: torch.Tensor
+    """bool [count] on the CPU: which images the model got right (for intervals and paired comparisons)."""
+
+
+def _forward(
+    model: nn.Module, data: ImageTensors, preprocess: Preprocess, batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(float32 logits, labels) per batch on ``device``, the model in eval mode, bf16 autocast on CUDA."""
+    model.eval()
+    for images, labels in data.batches(batch_size):
+        images = preprocess.normalize(images.to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(images)
+        yield logits.float(), labels.to(device, non_blocking=True)
 
 
 @torch.inference_mode()
@@ -111,23 +129,40 @@ def evaluate(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
 ) -> Metrics:
-    """Top-1 accuracy and mean cross-entropy of ``model`` (in eval mode) on a decoded split."""
+    """Top-1 accuracy, mean cross-entropy and per-image hits of ``model`` on a decoded split."""
     device = torch.device(device)
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=device)  # summed on the device: one sync at the end
-    loss_sum = torch.zeros((), device=device)
-    for images, labels in data.batches(batch_size):
-        images = preprocess.normalize(images.to(device, non_blocking=True))
-        labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-        correct += (logits.argmax(dim=-1) == labels).sum()
-    return Metrics(int(correct) / len(data), float(loss_sum) / len(data), len(data))
+    hits, loss_sum = [], torch.zeros((), device=device)  # kept on the device: one sync at the end
+    for logits, labels in _forward(model, data, preprocess, batch_size, device):
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        hits.append(logits.argmax(dim=-1) == labels)
+    correct = torch.cat(hits).cpu()
+    return Metrics(float(correct.float().mean()), float(loss_sum) / len(data), len(data), correct)
+
+
+@torch.inference_mode()
+def logits_of(
+    model: nn.Module, data: ImageTensors, preprocess: Preprocess, *, batch_size: int = 512, device="cpu"
+) -> torch.Tensor:
+    """float32 logits [N, classes] of a decoded split, on the CPU (for combining models' predictions)."""
+    batches = _forward(model, data, preprocess, batch_size, torch.device(device))
+    return torch.cat([logits.cpu() for logits, _ in batches])
+
+
+@dataclass(frozen=True)
+class Report:
+    """A model's accuracy per split (plus held-out loss and the shift means) and, when the evaluator
+    bootstraps, a 95 % interval per accuracy."""
+
+    scores: dict[str, float]
+    intervals: dict[str, tuple[float, float]]
 
 
 class Evaluator:
-    """One module and a set of decoded splits; scores any number of state dicts or whole models."""
+    """One module and a set of decoded splits; scores any number of state dicts or whole models.
+
+    ``shifts`` are the reported distribution shifts (their mean is the paper's OOD score); ``ood_val`` are
+    shift sets built from held-out images, which may select models (their mean is ``ood_val_mean``).
+    """
 
     def __init__(
         self,
@@ -136,17 +171,25 @@ class Evaluator:
         preprocess: Preprocess,
         *,
         shifts: tuple[str, ...] = (),
+        ood_val: tuple[str, ...] = (),
         device: torch.device | str = "cpu",
         batch_size: int = 512,
+        bootstrap: int = 0,
+        seed: int = 0,
     ) -> None:
         self.device = torch.device(device)
         self.module = module.to(self.device).eval()
         self.splits = dict(splits)
         self.preprocess = preprocess
-        self.shifts = shifts
+        self.groups = {"shift_mean": shifts, "ood_val_mean": ood_val}
         self.batch_size = batch_size
+        self.bootstrap, self.seed = bootstrap, seed
         if self.device.type == "cuda":
             self.splits = {name: ImageTensors(s.images.pin_memory(), s.labels) for name, s in self.splits.items()}
+
+    @property
+    def shifts(self) -> tuple[str, ...]:
+        return self.groups["shift_mean"]
 
     def load(self, state_dict: StateDict) -> nn.Module:
         self.module.load_state_dict(state_dict, strict=True)
@@ -162,18 +205,40 @@ class Evaluator:
         self.load(state_dict)
         return self.metrics(split).accuracy
 
-    def report(self, state_dict: StateDict | None = None, model: nn.Module | None = None) -> dict[str, float]:
-        """Accuracy on every split, loss on held-out, and the mean over shift sets (the paper's OOD score)."""
+    def logits(self, state_dict: StateDict, split: str = "heldout") -> torch.Tensor:
+        """Logits of a state dict on one split (the greedy ensemble combines them)."""
+        self.load(state_dict)
+        data = self.splits[split]
+        return logits_of(self.module, data, self.preprocess, batch_size=self.batch_size, device=self.device)
+
+    def labels(self, split: str = "heldout") -> torch.Tensor:
+        return self.splits[split].labels
+
+    def report(self, state_dict: StateDict | None = None, model: nn.Module | None = None) -> Report:
+        """Accuracy on every split, loss on held-out, the mean over shift sets (the paper's OOD score) and over
+        ood-validation sets, each with a seeded bootstrap interval when ``bootstrap`` resamples are asked for."""
         if state_dict is not None:
             self.load(state_dict)
         if model is not None:
             model = model.to(self.device).eval()
-        row: dict[str, float] = {}
+        scores: dict[str, float] = {}
+        hits: dict[str, torch.Tensor] = {}
         for split in self.splits:
             metrics = self.metrics(split, model)
-            row[split] = metrics.accuracy
+            scores[split], hits[split] = metrics.accuracy, metrics.hits
             if split == "heldout":
-                row["heldout_loss"] = metrics.loss
-        if self.shifts:
-            row["shift_mean"] = sum(row[s] for s in self.shifts) / len(self.shifts)
-        return row
+                scores["heldout_loss"] = metrics.loss
+        for mean, members in self.groups.items():
+            if members:
+                scores[mean] = sum(scores[s] for s in members) / len(members)
+        return Report(scores, self._intervals(hits))
+
+    def _intervals(self, hits: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+        if not self.bootstrap:
+            return {}
+        seeds = {name: self.seed + k for k, name in enumerate([*self.splits, *self.groups])}
+        intervals = {split: bootstrap_interval([h], self.bootstrap, seeds[split]) for split, h in hits.items()}
+        for mean, members in self.groups.items():
+            if members:
+                intervals[mean] = bootstrap_interval([hits[s] for s in members], self.bootstrap, seeds[mean])
+        return intervals

@@ -11,18 +11,44 @@ from soups.cooking import Candidate
 
 
 def leaderboard(candidates: Sequence[Candidate]) -> pd.DataFrame:
-    """One row per model: held-out, test, each shift, shift mean (the evaluator's accuracy columns, in its
-    order), number of ingredients; best held-out first."""
-    rows = [
+    """One row per model: every accuracy (the evaluator's columns, in its order) with ``<column>_lo`` /
+    ``<column>_hi`` 95 % bounds when intervals were computed, held-out loss, number of ingredients; ordered
+    as selection orders them (held-out accuracy, then lower held-out loss, then fewer ingredients)."""
+    rows = []
+    for c in candidates:
+        bounds = {f"{k}_{side}": v for k, (lo, hi) in c.intervals.items() for side, v in (("lo", lo), ("hi", hi))}
+        rows.append({"model": c.name, "recipe": c.recipe, **c.scores, **bounds, "ingredients": len(c.ingredients)})
+    board = pd.DataFrame(rows)
+    return board.sort_values(
+        ["heldout", "heldout_loss", "ingredients"], ascending=[False, True, True], ignore_index=True
+    )
+
+
+def accuracy_columns(board: pd.DataFrame) -> list[str]:
+    """The accuracy columns of a leaderboard, in the evaluator's order (no bounds, loss or counts)."""
+    skip = {"model", "recipe", "ingredients", "heldout_loss"}
+    return [c for c in board.columns if c not in skip and not c.endswith(("_lo", "_hi"))]
+
+
+def with_intervals(board: pd.DataFrame, row: int, column: str, digits: int = 4) -> str:
+    """'0.9663 [0.91,0.99]' when the column has bounds, else '0.9663'."""
+    value = f"{board.at[row, column]:.{digits}f}"
+    if f"{column}_lo" not in board.columns:
+        return value
+    return f"{value} [{board.at[row, f'{column}_lo']:.2f},{board.at[row, f'{column}_hi']:.2f}]"
+
+
+def format_leaderboard(board: pd.DataFrame) -> str:
+    """The leaderboard as printed: each accuracy with its 95 % interval in brackets."""
+    shown = pd.DataFrame(
         {
-            "model": c.name,
-            "recipe": c.recipe,
-            **{k: v for k, v in c.scores.items() if k != "heldout_loss"},
-            "ingredients": len(c.ingredients),
+            "model": board.model,
+            "recipe": board.recipe,
+            **{c: [with_intervals(board, i, c) for i in range(len(board))] for c in accuracy_columns(board)},
+            "ingredients": board.ingredients,
         }
-        for c in candidates
-    ]
-    return pd.DataFrame(rows).sort_values("heldout", ascending=False, ignore_index=True)
+    )
+    return shown.to_string(index=False)
 
 
 def accuracy_vs_shift_figure(board: pd.DataFrame, y: str = "test"):
@@ -36,12 +62,20 @@ def accuracy_vs_shift_figure(board: pd.DataFrame, y: str = "test"):
     ingredients = board[board.recipe == "ingredient"]
     ax.scatter(ingredients.shift_mean, ingredients[y], c="0.6", label="ingredients", s=25)
     markers = iter("*s^DvP<>ohX")
-    for _, row in board[board.recipe != "ingredient"].iterrows():
-        if row.recipe == "wise_ft":
-            continue
-        ax.scatter(row.shift_mean, row[y], marker=next(markers, "o"), s=90, label=row.model)
-    wise = board[board.recipe == "wise_ft"].sort_values("model")
-    if len(wise):
+    for _, row in board[~board.recipe.isin(["ingredient", "wise_ft"])].iterrows():
+        ax.errorbar(
+            row.shift_mean,
+            row[y],
+            xerr=_error(row, "shift_mean"),
+            yerr=_error(row, y),
+            marker=next(markers, "o"),
+            markersize=9,
+            capsize=2,
+            lw=0.8,
+            label=row.model,
+        )
+    wise = board[board.recipe.isin(["zero_shot", "wise_ft"])].sort_values("model", key=_zero_shot_first)
+    if len(wise) > 1:
         ax.plot(wise.shift_mean, wise[y], "--", c="tab:purple", lw=1, marker=".", label="WiSE-FT (α sweep)")
     ax.set_xlabel("mean accuracy over shift sets")
     ax.set_ylabel(f"{y} accuracy")
@@ -50,6 +84,18 @@ def accuracy_vs_shift_figure(board: pd.DataFrame, y: str = "test"):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _error(row: pd.Series, column: str) -> list[list[float]] | None:
+    """Asymmetric error bar lengths from a row's 95 % bounds, or none without intervals."""
+    if f"{column}_lo" not in row.index:
+        return None
+    return [[row[column] - row[f"{column}_lo"]], [row[f"{column}_hi"] - row[column]]]
+
+
+def _zero_shot_first(models: pd.Series) -> pd.Series:
+    """WiSE-FT's α line starts at the zero-shot model (α = 0), then wise_ft_0.10 ... wise_ft_1.00."""
+    return models.where(models != "zero_shot", "wise_ft_0.00")
 
 
 def greedy_trajectory_figure(trajectory: Sequence[dict[str, Any]]):

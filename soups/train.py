@@ -1,5 +1,5 @@
 """Fine-tuning one ingredient the way the paper did: end to end from the zero-shot classifier, AdamW, cosine
-schedule with warm-up, gradient clipping, label smoothing, mixup and RandAugment.
+schedule with warm-up, gradient clipping, label smoothing, mixup and timm's RandAugment.
 
 What every trial of one (model, dataset) shares -- the zero-shot start and the decoded train and held-out
 splits -- is built once by `prepare_finetune` and handed to each `finetune` call, which trains a copy. The
@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from torchvision.transforms import v2
@@ -133,9 +135,7 @@ def _train(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(train.warmup_steps, steps_per_epoch * train.epochs)
     )
-    augment = None
-    if train.randaugment_n:
-        augment = v2.RandAugment(num_ops=train.randaugment_n, magnitude=train.randaugment_m)
+    augment = paper_randaugment(train.randaugment_m, train.randaugment_n, preprocess, train.seed)
     generator = torch.Generator().manual_seed(train.seed)
     history = []
     for epoch in range(1, train.epochs + 1):
@@ -146,7 +146,7 @@ def _train(
             index = order[start : start + train.batch_size]
             batch = images[index]
             if augment is not None:
-                batch = torch.stack([augment(image) for image in batch])
+                batch = torch.stack([augment(image) for image in batch])  # per image, as timm augments PIL images
             if cuda:  # the gathered batch is fresh pageable memory: pin it so the copy overlaps compute
                 batch = batch.pin_memory()
             batch = preprocess.normalize(batch.to(device, non_blocking=True))
@@ -172,6 +172,36 @@ def _train(
         if on_epoch is not None:
             on_epoch(report)
     return history
+
+
+def randaugment_transform(magnitude: int, ops: int, preprocess: Preprocess):
+    """timm's RandAugment exactly as the paper's sweep named it, ``rand-m{M}-n{N}``: N ops drawn per image, each
+    applied with probability 0.5 at magnitude M out of 10 (timm clips M > 10, so the sweep's M 1..20 keeps
+    its meaning), with timm's training hparams for the model's input size and mean."""
+    from timm.data import rand_augment_transform
+
+    hparams = {
+        "translate_const": int(preprocess.size * 0.45),
+        "img_mean": tuple(min(255, round(255 * m)) for m in preprocess.mean),
+    }
+    return rand_augment_transform(f"rand-m{magnitude}-n{ops}", hparams)
+
+
+def paper_randaugment(
+    magnitude: int, ops: int, preprocess: Preprocess, seed: int
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`randaugment_transform` on uint8 [3,H,W] tensors, or None when ``ops`` is 0. timm draws from Python's
+    and numpy's global generators, so they are seeded here for a reproducible run."""
+    if not ops:
+        return None
+    transform = randaugment_transform(magnitude, ops, preprocess)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+    def augment(image: torch.Tensor) -> torch.Tensor:
+        return v2.functional.pil_to_tensor(transform(v2.functional.to_pil_image(image)))
+
+    return augment
 
 
 def _step_loss(

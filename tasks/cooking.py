@@ -104,12 +104,16 @@ def cook_task(
     return candidates
 
 
-@task(name="log-kitchen-report")
-def log_kitchen_report(config: PipelineConfig, run_id: str, candidates: list[Candidate], workdir: Path) -> list[dict]:
-    """Leaderboard (MLflow table + CSV + Prefect table) and figures logged to the kitchen run."""
+@task(name="log-kitchen-report", cache_policy=NO_CACHE)
+def log_kitchen_report(
+    config: PipelineConfig, run_id: str, candidates: list[Candidate], setup: CookingSetup, workdir: Path
+) -> list[dict]:
+    """Leaderboard (MLflow table + CSV + Prefect table), figures and the reproduction report, logged to the
+    kitchen run."""
     import matplotlib.pyplot as plt
 
     from soups.report import accuracy_vs_shift_figure, greedy_trajectory_figure, leaderboard, mixing_weights_figure
+    from soups.reproduction import reproduction_report
 
     client = client_for(config.tracking)
     board = leaderboard(candidates)
@@ -136,6 +140,14 @@ def log_kitchen_report(config: PipelineConfig, run_id: str, candidates: list[Can
     for name, figure in figures.items():
         client.log_figure(run_id, figure, name)
         plt.close(figure)
+    sizes = {name: len(split) for name, split in setup.evaluator.splits.items()}
+    report = reproduction_report(
+        board, study=config.study_name, split_sizes=sizes, figures=list(figures), resamples=config.kitchen.bootstrap
+    )
+    report_path = Path(workdir) / "report.md"
+    report_path.write_text(report)
+    client.log_artifact(run_id, str(report_path))
+    print(f"reproduction report: {report_path}")
     return board.to_dict("records")
 
 
@@ -144,6 +156,8 @@ class RegisteredCandidate(BaseModel):
     recipe: str
     version: str
     scores: dict[str, float]
+    intervals: dict[str, tuple[float, float]] = {}
+    ingredients: int
 
 
 @task(name="register-soups", cache_policy=NO_CACHE)
@@ -179,7 +193,14 @@ def register_candidates(
             version = _log_and_register(config, experiment_id, kitchen_run_id, candidate, setup, workdir, lineage)
             existing[digest] = version
         registered.append(
-            RegisteredCandidate(name=candidate.name, recipe=candidate.recipe, version=version, scores=candidate.scores)
+            RegisteredCandidate(
+                name=candidate.name,
+                recipe=candidate.recipe,
+                version=version,
+                scores=candidate.scores,
+                intervals=candidate.intervals,
+                ingredients=len(candidate.ingredients),
+            )
         )
         print(f"{candidate.name} is version {version} of {config.experiment}")
     return registered

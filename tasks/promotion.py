@@ -14,7 +14,8 @@ from pydantic import BaseModel
 
 from soups.checkpoint import load_state_dict
 from soups.config import PipelineConfig
-from soups.cooking import CookingSetup
+from soups.cooking import CookingSetup, selection_key
+from soups.evaluate import Report
 from tasks.adapters.packaging import download_model_weights
 from tasks.adapters.tracking import client_for
 from tasks.cooking import RegisteredCandidate
@@ -34,6 +35,7 @@ class PromotionDecision(BaseModel):
     champion_version: str | None
     champion_score: float | None
     outcome: str
+    margin: str
 
 
 @task(name="promote", cache_policy=NO_CACHE)
@@ -54,10 +56,15 @@ def promote(
     name = config.experiment
     champion = _alias(client, name, CHAMPION)
     reigning = str(champion.version) if champion else None
-    # Ties: the reigning champion wins (promoting the same candidates twice changes nothing), then the
-    # candidate that is better on the other metric (a soup that matches held-out but is more robust).
-    other = "shift_mean" if metric == "heldout" else "heldout"
-    best = max(candidates, key=lambda c: (c.scores[metric], c.version == reigning, c.scores.get(other, 0.0)))
+
+    def key(candidate: RegisteredCandidate) -> tuple:
+        # Held-out accuracy, lower held-out loss, fewer ingredients, then the reigning champion (so promoting
+        # the same candidates twice changes nothing). Test and the reported shift sets never break a tie.
+        return (*selection_key(metric, candidate.scores, candidate.ingredients), candidate.version == reigning)
+
+    ranked = sorted(candidates, key=key, reverse=True)
+    best = ranked[0]
+    rival = ranked[1] if len(ranked) > 1 else None
     champion_score = None
     if champion is None:
         outcome = "champion (first)"
@@ -66,8 +73,9 @@ def promote(
         outcome = "champion (unchanged: already the champion)"
         champion_score = best.scores[metric]
     else:
-        champion_score = rescore(client, config, str(champion.version), setup, workdir)[metric]
-        if best.scores[metric] > champion_score:
+        rival = registered_candidate(champion, rescore(client, config, str(champion.version), setup, workdir))
+        champion_score = rival.scores[metric]
+        if key(best) > key(rival):
             outcome = "champion (beats the previous champion)"
             client.set_registered_model_alias(name, CHAMPION, best.version)
         else:
@@ -81,9 +89,37 @@ def promote(
         champion_version=str(champion.version) if champion else None,
         champion_score=champion_score,
         outcome=outcome,
+        margin=margin_note(metric, best, rival),
     )
     _log(client, kitchen_run_id, decision, name)
     return decision
+
+
+def margin_note(metric: str, winner: RegisteredCandidate, rival: RegisteredCandidate | None) -> str:
+    """Whether the winner's lead over the next model is more than the noise of this evaluation."""
+    if rival is None:
+        return "no other candidate"
+    lead = winner.scores[metric] - rival.scores[metric]
+    if metric not in winner.intervals:
+        return f"lead {lead:+.4f} over {rival.name} (v{rival.version}); no interval computed (kitchen.bootstrap 0)"
+    low, high = winner.intervals[metric]
+    inside = low <= rival.scores[metric] <= high
+    verdict = "inside the winner's 95 % interval: not resolved by this data" if inside else "outside the interval"
+    return f"lead {lead:+.4f} over {rival.name} (v{rival.version}) is {verdict} [{low:.4f}, {high:.4f}]"
+
+
+def registered_candidate(version, report: Report) -> RegisteredCandidate:
+    """A registered version re-scored now, as a candidate (its ingredient count from its lineage tag)."""
+    ingredients = [v for v in version.tags.get("ingredient_versions", "").split(",") if v]
+    recipe = version.tags.get("recipe", "unknown")
+    return RegisteredCandidate(
+        name=recipe,
+        recipe=recipe,
+        version=str(version.version),
+        scores=report.scores,
+        intervals=report.intervals,
+        ingredients=len(ingredients),
+    )
 
 
 def _alias(client, name: str, alias: str):
@@ -93,7 +129,7 @@ def _alias(client, name: str, alias: str):
         return None
 
 
-def rescore(client, config: PipelineConfig, version: str, setup: CookingSetup, workdir: Path) -> dict[str, float]:
+def rescore(client, config: PipelineConfig, version: str, setup: CookingSetup, workdir: Path) -> Report:
     """Score a registered version on today's data with the same evaluator as the candidates."""
     weights = download_model_weights(client, config.experiment, version, Path(workdir) / f"registered-v{version}")
     return setup.evaluator.report(load_state_dict(weights))
@@ -102,6 +138,7 @@ def rescore(client, config: PipelineConfig, version: str, setup: CookingSetup, w
 def _log(client, run_id: str, decision: PromotionDecision, name: str) -> None:
     client.set_tag(run_id, "promotion.outcome", decision.outcome)
     client.set_tag(run_id, "promotion.candidate_version", decision.candidate_version)
+    client.set_tag(run_id, "promotion.margin", decision.margin)
     client.log_metric(run_id, "promotion.candidate_score", decision.candidate_score)
     if decision.champion_score is not None:
         client.log_metric(run_id, "promotion.champion_score", decision.champion_score)
@@ -113,11 +150,11 @@ def _log(client, run_id: str, decision: PromotionDecision, name: str) -> None:
     create_markdown_artifact(
         f"## Promotion of `{name}`\n\n- candidate: **{decision.candidate}** (version {decision.candidate_version}), "
         f"{decision.metric} {decision.candidate_score:.4f}\n- previous champion: {previous}\n"
-        f"- outcome: **{decision.outcome}**\n",
+        f"- outcome: **{decision.outcome}**\n- margin: {decision.margin}\n",
         key=f"{name.lower()}-promotion",
         description="champion / challenger decision",
     )
     print(
         f"promotion: {decision.candidate} (v{decision.candidate_version}, {decision.metric} "
-        f"{decision.candidate_score:.4f}) -> {decision.outcome}; previous champion {previous}"
+        f"{decision.candidate_score:.4f}) -> {decision.outcome}; previous champion {previous}; {decision.margin}"
     )

@@ -23,12 +23,12 @@ def test_embedded_defaults_are_the_offline_paper_setup():
 
 def test_config_file_errors_name_the_field_and_the_allowed_values(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("sweep:\n  sampler: grid\nkitchen:\n  promotion_metric: test\nmodel:\n  nmae: x\n")
+    path.write_text("sweep:\n  sampler: grid\nkitchen:\n  promotion_metric: shift_mean\nmodel:\n  nmae: x\n")
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     message = str(caught.value)
     assert "sweep.sampler" in message and "'tpe', 'random' or 'qmc'" in message
-    assert "kitchen.promotion_metric" in message and "'heldout' or 'shift_mean'" in message
+    assert "kitchen.promotion_metric" in message and "'heldout' or 'ood_val_mean'" in message
     assert "model.nmae" in message
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
@@ -82,3 +82,10 @@ def test_recipe_options_are_checked_against_what_each_recipe_declares(tmp_path):
         load_config(None, {"kitchen.recipes": [{"name": "learned", "options": {"stps": 10}}]})
     with pytest.raises(ConfigError, match="listed more than once"):
         load_config(None, {"kitchen.recipes": ["uniform", "uniform"]})
+
+
+def test_promoting_on_ood_validation_needs_ood_validation_sets():
+    with pytest.raises(ConfigError, match="needs data.ood_val"):
+        load_config(None, {"kitchen.promotion_metric": "ood_val_mean"})
+    config = load_config(None, {"kitchen.promotion_metric": "ood_val_mean", "data.ood_val": ["rotate"]})
+    assert config.data.ood_val == ["rotate"]

@@ -92,7 +92,18 @@ def test_digits_shifts_relabel_the_test_split(digits: DatasetBundle) -> None:
         assert image.mode == "RGB" and image.size == (32, 32)
         diff = np.abs(shifted.images.astype(int) - clean.images.astype(int)).mean()
         assert diff > 5, (name, diff)
-        assert shifted[3][0].tobytes() == shifted[3][0].tobytes()  # generated once, not per access
+        stored = Image.fromarray(shifted.images[3]).convert("RGB")
+        assert shifted[3][0].tobytes() == stored.tobytes(), "items come from the array made at load, not per access"
+
+
+def test_digits_shifts_are_made_once_from_a_seed_and_never_from_selection_images() -> None:
+    first, again = load_dataset(DataConfig(seed=0)), load_dataset(DataConfig(seed=0))
+    other = load_dataset(DataConfig(seed=5))
+    assert np.array_equal(first.shifts["noise"].images, again.shifts["noise"].images), "same seed, same shift"
+    assert not np.array_equal(first.shifts["noise"].images, other.shifts["noise"].images), "the seed draws the shift"
+    selection = set(first.heldout.indices) | set(first.train.indices)
+    for name, shifted in first.shifts.items():
+        assert selection.isdisjoint(shifted.indices), f"{name} is built from images used for training or selection"
 
 
 def test_stratified_split_keeps_every_row_once() -> None:

@@ -198,3 +198,39 @@ def test_logit_ensemble_of_half_precision_checkpoints_runs_on_cpu(digits, pool, 
     _, (x, _) = digits
     with torch.no_grad():
         assert dish.model(x[:4]).dtype == torch.float32
+
+
+def _heldout_logits(digits):
+    _, (x, _) = digits
+
+    def logits(state_dict):
+        model = _small_cnn()
+        model.load_state_dict(state_dict)
+        with torch.no_grad():
+            return model(x)
+
+    return logits
+
+
+def test_greedy_ensemble_keeps_members_only_while_the_ensemble_holds_up(digits, pool):
+    ingredients, _ = pool
+    _, (x, y) = digits
+    inputs = RecipeInputs(module=_small_cnn(), heldout_logits=_heldout_logits(digits), heldout_labels=y)
+    (dish,) = cook("greedy_ensemble", ingredients, inputs)
+    trajectory = dish.details["trajectory"]
+    assert [step["ingredient"] for step in trajectory] == ["good", "bad0", "bad1"], "best first"
+    kept = [step["ingredient"] for step in trajectory if step["accepted"]]
+    assert [i.name for i in dish.ingredients] == kept and kept[0] == "good"
+    with torch.no_grad():
+        accuracy = float((dish.model(x).argmax(1) == y).float().mean())
+    assert accuracy == pytest.approx(dish.details["heldout_score"])
+    assert accuracy >= trajectory[0]["candidate_score"], "never worse on held-out than the best member alone"
+
+
+def test_zero_shot_row_is_the_start_itself(pool):
+    ingredients, start = pool
+    (dish,) = cook("zero_shot", ingredients, RecipeInputs(base=start))
+    from soups.checkpoint import load_state_dict
+
+    assert dish.name == "zero_shot" and dish.ingredients == []
+    assert all(torch.equal(v, dish.state_dict[k]) for k, v in load_state_dict(start).items())

@@ -21,7 +21,9 @@ from soups.evaluate import Preprocess, decode
 from soups.models import empty_classifier
 
 EXPERIMENT = "test-soups"
-RECIPES = ["best", "uniform", "greedy", "learned", "learned_by_layer", "ensemble", "wise_ft"]
+PARENT = "mlflow.parentRunId"
+RECIPES = ["best", "uniform", "greedy", "learned", "learned_by_layer", "ensemble", "greedy_ensemble", "zero_shot",
+           "wise_ft"]
 
 
 def _config(root, **overrides) -> PipelineConfig:
@@ -38,8 +40,8 @@ def _config(root, **overrides) -> PipelineConfig:
             "best", "uniform", "greedy",
             {"name": "learned", "options": {"steps": 10}},
             {"name": "learned_by_layer", "options": {"steps": 10}},
-            "ensemble",
-            {"name": "wise_ft", "options": {"alphas": [0.0, 0.5, 1.0]}},
+            "ensemble", "greedy_ensemble", "zero_shot",
+            {"name": "wise_ft", "options": {"alphas": [0.5, 1.0]}},
         ],
         **overrides,
     }
@@ -113,6 +115,21 @@ def test_soups_are_registered_with_lineage_and_the_champion_predicts(first_run):
     probabilities = model.predict(images)
     assert probabilities.shape == (8, 10)
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_kitchen_logs_the_reproduction_report_and_the_learned_fit_curve(first_run):
+    config, result = first_run
+    client = _client(config)
+    kitchen_run = result["kitchen"]["run_id"]
+    assert {"report.md", "leaderboard.csv"} <= {a.path for a in client.list_artifacts(kitchen_run)}
+    report = (config.tracking.root / "kitchen" / kitchen_run / "report.md").read_text()
+    assert "| greedy |" in report and "greedy_trajectory.png" in report
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    query = f"tags.recipe = 'learned' and tags.`{PARENT}` = '{kitchen_run}'"
+    (learned,) = client.search_runs([experiment.experiment_id], query)
+    steps = [m.step for m in client.get_metric_history(learned.info.run_id, "fit_loss")]
+    assert steps == list(range(1, 11)), "one fit-loss point per optimiser step"
+    assert "lead" in result["kitchen"]["promotion"]["margin"]
 
 
 def test_promotion_is_idempotent(first_run):

@@ -81,8 +81,8 @@ def test_uniform_soup_of_real_ingredients_is_evaluated(two_ingredients, inputs):
     evaluator = Evaluator(copy.deepcopy(inputs.start), splits, inputs.preprocess, shifts=shifts)
     ingredients = [Ingredient(run.checkpoint, run.metrics["heldout_accuracy"]) for run in two_ingredients]
     (soup,) = cook("uniform", ingredients)
-    rows = {i.name: evaluator.report(load_state_dict(i.path)) for i in ingredients}
-    rows["uniform"] = evaluator.report(soup.state_dict)
+    rows = {i.name: evaluator.report(load_state_dict(i.path)).scores for i in ingredients}
+    rows["uniform"] = evaluator.report(soup.state_dict).scores
     for name, row in rows.items():
         print(name, {k: round(v, 3) for k, v in row.items()})
         assert set(row) == {"heldout", "heldout_loss", "test", *shifts, "shift_mean"}
@@ -130,7 +130,7 @@ def test_finetune_and_evaluate_on_an_image_folder(pretrained_checkpoint, tmp_pat
     splits, shifts = evaluation_splits(load_dataset(config.data), folder_inputs.preprocess)
     assert shifts == ("upside-down",)
     evaluator = Evaluator(folder_inputs.start, splits, folder_inputs.preprocess, shifts=shifts)
-    report = evaluator.report(load_state_dict(result.checkpoint))
+    report = evaluator.report(load_state_dict(result.checkpoint)).scores
     assert report["upside-down"] < report["test"], "rotating digits by 180 degrees should hurt"
 
 
@@ -154,3 +154,31 @@ def test_inputs_prepared_for_another_dataset_are_refused(pretrained_checkpoint, 
     other = _config(pretrained_checkpoint).model_copy(update={"data": DataConfig(seed=1)})
     with pytest.raises(ValueError, match="another model or dataset"):
         finetune(other, inputs, tmp_path / "o.safetensors")
+
+
+def test_randaugment_is_timms_transform_as_the_paper_named_it(inputs):
+    import random as python_random
+
+    import numpy as np
+    from timm.data import rand_augment_transform
+    from timm.data.auto_augment import RandAugment
+
+    from soups.train import paper_randaugment, randaugment_transform
+
+    transform = randaugment_transform(10, 2, inputs.preprocess)
+    assert isinstance(transform, RandAugment) and transform.num_layers == 2
+    assert all(op.prob == 0.5 and op.magnitude == 10 for op in transform.ops)
+    hparams = {"translate_const": int(inputs.preprocess.size * 0.45), "img_mean": (123, 117, 104)}
+    reference = rand_augment_transform("rand-m10-n2", hparams)
+    image = inputs.train.images[0]
+    ours = paper_randaugment(10, 2, inputs.preprocess, seed=7)
+    first = ours(image)
+    python_random.seed(7)
+    np.random.seed(7)
+    from torchvision.transforms import v2
+
+    expected = v2.functional.pil_to_tensor(reference(v2.functional.to_pil_image(image)))
+    assert torch.equal(first, expected), "the same draws give the same image as timm's own transform"
+    clipped = paper_randaugment(20, 2, inputs.preprocess, seed=7)(image)
+    assert torch.equal(clipped, expected), "M > 10 is clipped to 10, as in the paper's sweep"
+    assert paper_randaugment(5, 0, inputs.preprocess, seed=7) is None

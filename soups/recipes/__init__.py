@@ -25,6 +25,8 @@ RECIPES: dict[str, Recipe] = {
         learned.LEARNED,
         learned.LEARNED_BY_LAYER,
         ensemble.RECIPE,
+        ensemble.GREEDY_RECIPE,
+        wise_ft.ZERO_SHOT,
         wise_ft.RECIPE,
     )
 }

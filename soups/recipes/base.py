@@ -53,6 +53,9 @@ class RecipeInputs:
     fit_batches: FitSet | None = None
     base: Path | None = None
     device: str = "cpu"
+    heldout_logits: Callable[[StateDict], torch.Tensor] | None = None
+    """Logits of a state dict on the held-out scoring split (what the greedy ensemble combines)."""
+    heldout_labels: torch.Tensor | None = None
 
     def require(self, recipe: str, *parts: str) -> None:
         missing = [p for p in parts if getattr(self, p) is None]

@@ -1,15 +1,17 @@
-"""Logit ensemble baseline: average the raw logits of every ingredient (N× the inference cost of a soup)."""
+"""Ensemble baselines: the logit ensemble of every ingredient and the paper's greedy ensemble (N× the
+inference cost of a soup for N members)."""
 
 from __future__ import annotations
 
 import copy
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
 from soups.checkpoint import Ingredient, StateDict
-from soups.recipes.base import Dish, NoOptions, Recipe, RecipeInputs
+from soups.recipes.base import Dish, NoOptions, Recipe, RecipeInputs, RecipeOptions, best_ingredient
 from soups.statedict import load_ingredient, to_float32
 
 
@@ -35,12 +37,48 @@ class LogitEnsemble(nn.Module):
         return self
 
 
+def _ensemble_dish(name: str, members: list[Ingredient], inputs: RecipeInputs, details: dict) -> Dish:
+    weights = [to_float32(load_ingredient(i)) for i in members]  # fp16 files still run on CPU
+    model = LogitEnsemble(copy.deepcopy(inputs.module), weights)
+    model.to(device=inputs.device, dtype=next(inputs.module.parameters()).dtype)
+    return Dish(name, name, members, model=model, details={"members": len(members), **details})
+
+
 def logit_ensemble(ingredients: list[Ingredient], inputs: RecipeInputs, options: NoOptions) -> list[Dish]:
     inputs.require("ensemble", "module")
-    members = [to_float32(load_ingredient(i)) for i in ingredients]  # fp16 files still run on CPU
-    model = LogitEnsemble(copy.deepcopy(inputs.module), members)
-    model.to(device=inputs.device, dtype=next(inputs.module.parameters()).dtype)
-    return [Dish("ensemble", "ensemble", ingredients, model=model, details={"members": len(members)})]
+    return [_ensemble_dish("ensemble", ingredients, inputs, {})]
+
+
+class GreedyEnsembleOptions(RecipeOptions):
+    strict: bool = Field(False, description="Keep a model only on a strict gain ('>') instead of '>='.")
+
+
+def greedy_ensemble(ingredients: list[Ingredient], inputs: RecipeInputs, options: GreedyEnsembleOptions) -> list[Dish]:
+    """The paper's greedy ensemble: models best-first by held-out score, each kept only if the held-out
+    accuracy of the ensemble's mean logits does not drop. Each model's held-out logits are computed once."""
+    inputs.require("greedy_ensemble", "module", "heldout_logits", "heldout_labels")
+    best_ingredient(ingredients)  # every ingredient needs a score to be ranked
+    ranked = sorted(ingredients, key=lambda i: i.score, reverse=True)
+    labels = inputs.heldout_labels
+    total = inputs.heldout_logits(load_ingredient(ranked[0]))
+    score = _accuracy(total, labels)
+    accepted, trajectory = [ranked[0]], [{"ingredient": ranked[0].name, "candidate_score": score, "accepted": True}]
+    for ingredient in ranked[1:]:
+        candidate = total + inputs.heldout_logits(load_ingredient(ingredient))  # argmax of a sum = of a mean
+        candidate_score = _accuracy(candidate, labels)
+        keep = candidate_score > score if options.strict else candidate_score >= score
+        if keep:
+            total, score = candidate, candidate_score
+            accepted.append(ingredient)
+        trajectory.append({"ingredient": ingredient.name, "candidate_score": candidate_score, "accepted": keep})
+    return [_ensemble_dish("greedy_ensemble", accepted, inputs, {"heldout_score": score, "trajectory": trajectory})]
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(dim=-1) == labels.to(logits.device)).float().mean())
 
 
 RECIPE = Recipe("ensemble", logit_ensemble, NoOptions, "mean of the ingredients' logits (N forward passes)")
+GREEDY_RECIPE = Recipe(
+    "greedy_ensemble", greedy_ensemble, GreedyEnsembleOptions, "best-first, keep a model if the ensemble holds up"
+)

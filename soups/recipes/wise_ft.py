@@ -1,4 +1,5 @@
-"""WiSE-FT baseline: θ = (1−α)·θ_zero-shot + α·θ_fine-tuned, for a list of α (Wortsman et al., 2022b).
+"""WiSE-FT baseline: θ = (1−α)·θ_zero-shot + α·θ_fine-tuned, for a list of α (Wortsman et al., 2022b), and the
+zero-shot reference row itself (α = 0, the start every ingredient was fine-tuned from).
 
 The fine-tuned end is the best ingredient by held-out score; the zero-shot end is ``inputs.base``.
 """
@@ -8,15 +9,15 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from soups.checkpoint import Ingredient, check_compatible
-from soups.recipes.base import Dish, Recipe, RecipeInputs, RecipeOptions, best_ingredient
+from soups.recipes.base import Dish, NoOptions, Recipe, RecipeInputs, RecipeOptions, best_ingredient
 from soups.statedict import blend, cast_like, load_ingredient
 
 
 class WiseFtOptions(RecipeOptions):
     alphas: list[float] = Field(
-        default_factory=lambda: [round(0.1 * i, 1) for i in range(11)],
+        default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)],
         min_length=1,
-        description="Weights of the fine-tuned end, each in [0, 1]; one dish per alpha.",
+        description="Weights of the fine-tuned end, each in [0, 1]; one dish per alpha (alpha 0 is `zero_shot`).",
     )
 
     @field_validator("alphas")
@@ -47,3 +48,12 @@ def wise_ft(ingredients: list[Ingredient], inputs: RecipeInputs, options: WiseFt
 
 
 RECIPE = Recipe("wise_ft", wise_ft, WiseFtOptions, "interpolate zero-shot and best ingredient for each alpha")
+
+
+def zero_shot(ingredients: list[Ingredient], inputs: RecipeInputs, options: NoOptions) -> list[Dish]:
+    inputs.require("zero_shot", "base")
+    check_compatible([inputs.base, ingredients[0].path])
+    return [Dish("zero_shot", "zero_shot", [], state_dict=load_ingredient(Ingredient(inputs.base, name="zero-shot")))]
+
+
+ZERO_SHOT = Recipe("zero_shot", zero_shot, NoOptions, "the zero-shot start itself (reference row)")

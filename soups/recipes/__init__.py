@@ -13,7 +13,19 @@ from typing import Any
 from pydantic import ValidationError
 
 from soups.checkpoint import Ingredient, check_compatible
-from soups.recipes import best, ensemble, greedy, learned, uniform, wise_ft
+from soups.recipes import (
+    best,
+    dare,
+    ensemble,
+    greedy,
+    learned,
+    model_stock,
+    slerp,
+    task_arithmetic,
+    ties,
+    uniform,
+    wise_ft,
+)
 from soups.recipes.base import Dish, FitSet, Recipe, RecipeInputs, RecipeOptions
 
 RECIPES: dict[str, Recipe] = {
@@ -28,9 +40,22 @@ RECIPES: dict[str, Recipe] = {
         ensemble.GREEDY_RECIPE,
         wise_ft.ZERO_SHOT,
         wise_ft.RECIPE,
+        task_arithmetic.RECIPE,
+        ties.RECIPE,
+        dare.RECIPE,
+        model_stock.RECIPE,
+        slerp.RECIPE,
     )
 }
 """Every recipe, in the order the kitchen cooks them by default."""
+
+DEFAULT_KITCHEN: list[dict[str, Any]] = [
+    *({"name": name} for name in RECIPES),
+    {"name": "greedy", "label": "greedy_ties", "options": {"combine": "ties"}},
+    {"name": "greedy", "label": "greedy_task_arithmetic", "options": {"combine": "task_arithmetic"}},
+]
+"""What the kitchen cooks when the config names nothing: every recipe with its defaults, plus greedy soups whose
+candidates are built by TIES and by task arithmetic."""
 
 
 def get_recipe(name: str) -> Recipe:
@@ -46,7 +71,7 @@ def recipe_options(name: str, options: Mapping[str, Any] | None = None) -> Recip
     try:
         return recipe.options.model_validate(dict(options or {}))
     except ValidationError as err:
-        allowed = ", ".join(recipe.options.model_fields) or "none"
+        allowed = ", ".join(f.alias or name for name, f in recipe.options.model_fields.items()) or "none"
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or name}: {e['msg']}" for e in err.errors())
         raise ValueError(f"recipe {name!r} options: {problems} (allowed options: {allowed})") from None
 
@@ -55,9 +80,10 @@ def cook(
     name: str, ingredients: Sequence[Ingredient], inputs: RecipeInputs | None = None, **options: Any
 ) -> list[Dish]:
     """Check the ingredients fit together, then run one recipe; returns its dishes (WiSE-FT gives several)."""
-    settings = recipe_options(name, options)
+    recipe, settings, inputs = get_recipe(name), recipe_options(name, options), inputs or RecipeInputs()
+    inputs.require(name, *recipe.needs)
     check_compatible([i.path for i in ingredients])
-    return get_recipe(name).cook(list(ingredients), inputs or RecipeInputs(), settings)
+    return recipe.cook(list(ingredients), inputs, settings)
 
 
 __all__ = [

@@ -57,8 +57,11 @@ class RecipeInputs:
     """Logits of a state dict on the held-out scoring split (what the greedy ensemble combines)."""
     heldout_labels: torch.Tensor | None = None
 
+    def missing(self, parts: Sequence[str]) -> list[str]:
+        return [p for p in parts if getattr(self, p) is None]
+
     def require(self, recipe: str, *parts: str) -> None:
-        missing = [p for p in parts if getattr(self, p) is None]
+        missing = self.missing(parts)
         if missing:
             raise ValueError(f"recipe {recipe!r} needs inputs.{', inputs.'.join(missing)}; provide them to cook it")
 
@@ -93,6 +96,8 @@ class Recipe:
     cook: Callable[[list[Ingredient], RecipeInputs, Any], list[Dish]]
     options: type[RecipeOptions] = NoOptions
     summary: str = ""
+    needs: tuple[str, ...] = ()
+    """Parts of `RecipeInputs` it cannot cook without (checked before it runs)."""
 
 
 def best_ingredient(ingredients: Sequence[Ingredient]) -> Ingredient:

@@ -45,7 +45,6 @@ def _ensemble_dish(name: str, members: list[Ingredient], inputs: RecipeInputs, d
 
 
 def logit_ensemble(ingredients: list[Ingredient], inputs: RecipeInputs, options: NoOptions) -> list[Dish]:
-    inputs.require("ensemble", "module")
     return [_ensemble_dish("ensemble", ingredients, inputs, {})]
 
 
@@ -56,7 +55,6 @@ class GreedyEnsembleOptions(RecipeOptions):
 def greedy_ensemble(ingredients: list[Ingredient], inputs: RecipeInputs, options: GreedyEnsembleOptions) -> list[Dish]:
     """The paper's greedy ensemble: models best-first by held-out score, each kept only if the held-out
     accuracy of the ensemble's mean logits does not drop. Each model's held-out logits are computed once."""
-    inputs.require("greedy_ensemble", "module", "heldout_logits", "heldout_labels")
     best_ingredient(ingredients)  # every ingredient needs a score to be ranked
     ranked = sorted(ingredients, key=lambda i: i.score, reverse=True)
     labels = inputs.heldout_labels
@@ -78,7 +76,13 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(dim=-1) == labels.to(logits.device)).float().mean())
 
 
-RECIPE = Recipe("ensemble", logit_ensemble, NoOptions, "mean of the ingredients' logits (N forward passes)")
+RECIPE = Recipe(
+    "ensemble", logit_ensemble, NoOptions, "mean of the ingredients' logits (N forward passes)", needs=("module",)
+)
 GREEDY_RECIPE = Recipe(
-    "greedy_ensemble", greedy_ensemble, GreedyEnsembleOptions, "best-first, keep a model if the ensemble holds up"
+    "greedy_ensemble",
+    greedy_ensemble,
+    GreedyEnsembleOptions,
+    "best-first, keep a model if the ensemble holds up",
+    needs=("module", "heldout_logits", "heldout_labels"),
 )

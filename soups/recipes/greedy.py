@@ -3,13 +3,19 @@
 The paper keeps an ingredient when the soup's held-out accuracy "does not decrease" (``>=``, the default);
 the official code keeps it only when it strictly increases (``strict=True``). The soup is a running average,
 candidate = soup·n/(n+1) + new/(n+1), so accepted ingredients are never re-summed.
+
+With ``combine`` naming another recipe (ties, model_stock, ...), each candidate is that recipe cooked on the
+accepted ingredients plus the new one, with the same inputs (e.g. the zero-shot base); the soup starts as the
+best ingredient alone, as the uniform one does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from soups.checkpoint import Ingredient, StateDict
 from soups.recipes.base import Dish, Evaluate, Recipe, RecipeInputs, RecipeOptions
@@ -36,7 +42,13 @@ class GreedyResult:
     evaluations: int
 
 
-def greedy_soup(ingredients: list[Ingredient], evaluate: Evaluate, *, strict: bool = False) -> GreedyResult:
+Combine = Callable[[list[Ingredient]], StateDict]
+"""Builds the candidate soup of the given ingredients (the running average is used when there is none)."""
+
+
+def greedy_soup(
+    ingredients: list[Ingredient], evaluate: Evaluate, *, strict: bool = False, combine: Combine | None = None
+) -> GreedyResult:
     """Cook a greedy soup; ingredients without a held-out score are scored with ``evaluate`` first.
 
     With every score given, this makes exactly N-1 calls to ``evaluate`` for N ingredients.
@@ -57,7 +69,10 @@ def greedy_soup(ingredients: list[Ingredient], evaluate: Evaluate, *, strict: bo
     score = float(best.score)
     trajectory = [GreedyStep(best.name, score, score, True, 1)]
     for ingredient in ranked[1:]:
-        candidate = blend(soup, load_ingredient(ingredient), 1.0 / (len(accepted) + 1))
+        if combine is None:
+            candidate = blend(soup, load_ingredient(ingredient), 1.0 / (len(accepted) + 1))
+        else:
+            candidate = combine([*accepted, ingredient])
         candidate_score = float(evaluate(candidate))
         evaluations += 1
         keep = candidate_score > score if strict else candidate_score >= score
@@ -74,18 +89,70 @@ def _with_score(ingredient: Ingredient, score: float) -> Ingredient:
 
 class GreedyOptions(RecipeOptions):
     strict: bool = Field(False, description="Keep an ingredient only on a strict gain (the official code's '>').")
+    combine: str = Field(
+        "uniform", description="Recipe that builds each candidate from the kept ingredients (uniform: running mean)."
+    )
+    combine_options: dict[str, Any] = Field(default_factory=dict, description="Options of the combine recipe.")
+
+    @field_validator("combine")
+    @classmethod
+    def _known_single_soup_recipe(cls, value: str) -> str:
+        from soups.recipes import get_recipe  # the registry imports this module
+
+        get_recipe(value)
+        if value == "greedy":
+            raise ValueError("greedy cannot combine with itself")
+        return value
+
+    @field_validator("combine_options")
+    @classmethod
+    def _options_of_combine(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from soups.recipes import recipe_options
+
+        combine = info.data.get("combine")
+        if combine is None:  # combine itself was invalid; that error is reported
+            return value
+        if combine == "uniform":
+            if value:
+                raise ValueError("combine_options are for other recipes; uniform is greedy's own running mean")
+            return value
+        return recipe_options(combine, value).model_dump(mode="json")
 
 
 def greedy_recipe(ingredients: list[Ingredient], inputs: RecipeInputs, options: GreedyOptions) -> list[Dish]:
     inputs.require("greedy", "evaluate")
-    result = greedy_soup(ingredients, inputs.evaluate, strict=options.strict)
+    combine = None if options.combine == "uniform" else _combine_with(options, inputs)
+    result = greedy_soup(ingredients, inputs.evaluate, strict=options.strict, combine=combine)
     details = {
         "heldout_score": result.score,
         "strict": options.strict,
+        "combine": options.combine,
         "evaluations": result.evaluations,
         "trajectory": [asdict(step) for step in result.trajectory],
     }
-    return [Dish("greedy", "greedy", result.accepted, state_dict=result.state_dict, details=details)]
+    if combine is not None:
+        details["combine_options"] = options.combine_options
+    name = "greedy" if combine is None else f"greedy_{options.combine}"
+    return [Dish(name, "greedy", result.accepted, state_dict=result.state_dict, details=details)]
 
 
-RECIPE = Recipe("greedy", greedy_recipe, GreedyOptions, "best-first, keep an ingredient if held-out holds up")
+def _combine_with(options: GreedyOptions, inputs: RecipeInputs) -> Combine:
+    """Candidates cooked by recipe ``options.combine``, which must give one soup (a state dict)."""
+    from soups.recipes import get_recipe, recipe_options
+
+    recipe = get_recipe(options.combine)
+    inputs.require(f"greedy with combine={options.combine}", *recipe.needs)
+    settings = recipe_options(options.combine, options.combine_options)
+
+    def combine(ingredients: list[Ingredient]) -> StateDict:
+        dishes = recipe.cook(ingredients, inputs, settings)
+        if len(dishes) != 1 or dishes[0].state_dict is None:
+            raise ValueError(f"greedy combine={options.combine!r} must cook one soup (a state dict) per candidate")
+        return dishes[0].state_dict
+
+    return combine
+
+
+RECIPE = Recipe(
+    "greedy", greedy_recipe, GreedyOptions, "best-first, keep an ingredient if held-out holds up", needs=("evaluate",)
+)

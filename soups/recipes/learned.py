@@ -125,7 +125,6 @@ def _weights(alpha: torch.Tensor, keys: list[str], by_layer: bool) -> torch.Tens
 
 def _learned_soup(name: str, by_layer: bool):
     def cook(ingredients: list[Ingredient], inputs: RecipeInputs, options: LearnedOptions) -> list[Dish]:
-        inputs.require(name, "module", "fit_batches")
         paths = [i.path for i in ingredients]
         learned = learn_mixing(
             inputs.module, paths, inputs.fit_batches, options, by_layer=by_layer, device=inputs.device
@@ -149,10 +148,12 @@ LEARNED = Recipe(
     _learned_soup("learned", by_layer=False),
     LearnedOptions,
     "softmax(alpha) per ingredient, fit on held-out",
+    needs=("module", "fit_batches"),
 )
 LEARNED_BY_LAYER = Recipe(
     "learned_by_layer",
     _learned_soup("learned_by_layer", by_layer=True),
     LearnedOptions,
     "softmax(alpha) per ingredient per tensor, fit on held-out",
+    needs=("module", "fit_batches"),
 )

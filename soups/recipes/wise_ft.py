@@ -30,7 +30,6 @@ class WiseFtOptions(RecipeOptions):
 
 
 def wise_ft(ingredients: list[Ingredient], inputs: RecipeInputs, options: WiseFtOptions) -> list[Dish]:
-    inputs.require("wise_ft", "base")
     finetuned = best_ingredient(ingredients)
     check_compatible([inputs.base, finetuned.path])
     zero_shot = load_ingredient(Ingredient(inputs.base, name="zero-shot"))
@@ -47,13 +46,14 @@ def wise_ft(ingredients: list[Ingredient], inputs: RecipeInputs, options: WiseFt
     ]
 
 
-RECIPE = Recipe("wise_ft", wise_ft, WiseFtOptions, "interpolate zero-shot and best ingredient for each alpha")
+RECIPE = Recipe(
+    "wise_ft", wise_ft, WiseFtOptions, "interpolate zero-shot and best ingredient for each alpha", needs=("base",)
+)
 
 
 def zero_shot(ingredients: list[Ingredient], inputs: RecipeInputs, options: NoOptions) -> list[Dish]:
-    inputs.require("zero_shot", "base")
     check_compatible([inputs.base, ingredients[0].path])
     return [Dish("zero_shot", "zero_shot", [], state_dict=load_ingredient(Ingredient(inputs.base, name="zero-shot")))]
 
 
-ZERO_SHOT = Recipe("zero_shot", zero_shot, NoOptions, "the zero-shot start itself (reference row)")
+ZERO_SHOT = Recipe("zero_shot", zero_shot, NoOptions, "the zero-shot start itself (reference row)", needs=("base",))

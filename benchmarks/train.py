@@ -28,7 +28,8 @@ import torch
 
 from soups.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 from soups.data import load_dataset
-from soups.evaluate import Preprocess, decode, evaluate
+from soups.evaluate import evaluate
+from soups.images import Preprocess, decode
 from soups.runtime import resolve_device, use_cores
 from soups.train import FinetuneInputs, finetune, prepare_finetune
 
@@ -97,7 +98,7 @@ def main() -> None:
     threads = use_cores(config.train.threads)
     autocast = "on (bf16, CUDA)" if device.type == "cuda" else "off (train.py autocasts on CUDA only)"
     print(f"model {args.model} (random init), {data.name}, device {device}, {threads} CPU threads, autocast {autocast}")
-    inputs = prepare_finetune(config.model, config.data, device)  # shared by every run, as in a sweep
+    inputs = prepare_finetune(config, device)  # shared by every run, as in a sweep
     if args.gpu_compare:
         gpu_compare(config, inputs, device, args.repeats)
         return

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from cli.import_command import add_import_parser
 
 
 class UsageError(Exception):
@@ -16,20 +19,41 @@ class UsageError(Exception):
 
 
 def cook_command(args: argparse.Namespace) -> None:
+    """Any recipe that needs only files (and ``--base`` for the ones built on the zero-shot start)."""
+    import yaml
+
     from soups.checkpoint import CheckpointError, Ingredient, save_state_dict
-    from soups.recipes import cook
+    from soups.recipes import RecipeInputs, cook, get_recipe
 
     out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name such as {out / 'soup.safetensors'}")
     if out.resolve() in {Path(p).resolve() for p in args.inputs}:
         raise UsageError(f"--out {out} is also an input; write the soup to a new file")
+    options = {}
+    for item in args.param or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--param expects NAME=VALUE (e.g. --param density=0.2), got {item!r}")
+        options[name] = yaml.safe_load(value)
+    if args.dtype:
+        options["dtype"] = args.dtype
+    inputs = RecipeInputs(base=Path(args.base) if args.base else None)
     try:
+        missing = inputs.missing(get_recipe(args.recipe).needs)
+        if missing:
+            hint = "pass --base with the zero-shot start" if missing == ["base"] else "cook it with `soups kitchen`"
+            needed = ", ".join(missing)
+            raise UsageError(f"recipe {args.recipe!r} needs {needed}, which files alone do not give; {hint}")
         ingredients = [Ingredient(Path(p)) for p in args.inputs]
-        (dish,) = cook("uniform", ingredients, dtype=args.dtype)
+        dishes = cook(args.recipe, ingredients, inputs, **options)
     except (CheckpointError, ValueError) as err:
         raise UsageError(str(err)) from err
-    metadata = {"recipe": "uniform", "ingredients": ",".join(str(i.path) for i in ingredients)}
-    save_state_dict(dish.state_dict, out, metadata)
-    print(f"uniform soup of {len(ingredients)} ingredients written to {out}")
+    for dish in dishes:
+        path = out if len(dishes) == 1 else out.with_name(f"{out.stem}-{dish.name}{out.suffix}")
+        metadata = {"recipe": args.recipe, "options": json.dumps(options), "ingredients": ",".join(args.inputs)}
+        save_state_dict(dish.state_dict, path, metadata)
+        print(f"{dish.name} of {len(ingredients)} ingredients written to {path}")
 
 
 def _config_from(args: argparse.Namespace):
@@ -86,7 +110,7 @@ def stage_command(args: argparse.Namespace) -> None:
     if args.command != "run":  # fail before a Prefect server starts; `run` pretrains when it must
         from soups.pretrain import with_resolved_start
 
-        config = with_resolved_start(config)
+        config = with_resolved_start(config, missing_ok=args.command != "sweep")
     _prepare_environment(config.tracking.root)
     started = time.perf_counter()
     if args.command == "run":
@@ -142,10 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     cook = commands.add_parser("cook", help="cook a soup from safetensors checkpoints (no server needed)")
-    cook.add_argument("recipe", choices=["uniform"], help="recipe to cook")
+    cook.add_argument(
+        "recipe", help="uniform, task_arithmetic, ties, dare, model_stock, slerp, wise_ft, ... (see README)"
+    )
     cook.add_argument("inputs", nargs="+", help="ingredient checkpoints (.safetensors)")
     cook.add_argument("--out", required=True, help="where to write the soup (.safetensors)")
-    cook.add_argument("--dtype", help="dtype of the written soup (default: the ingredients' own)")
+    cook.add_argument("--base", help="the zero-shot start the ingredients were fine-tuned from (task vectors)")
+    cook.add_argument(
+        "--param", action="append", metavar="NAME=VALUE", help="a recipe option, e.g. --param density=0.2 (repeatable)"
+    )
+    cook.add_argument("--dtype", help="dtype of the written uniform soup (default: the ingredients' own)")
     cook.set_defaults(handler=cook_command)
 
     stages = {
@@ -165,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="override one setting, e.g. --set sweep.n_trials=4 (repeatable)",
         )
         stage.set_defaults(handler=pretrain_command if name == "pretrain" else stage_command)
+    add_import_parser(commands)
     return parser
 
 
@@ -187,5 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as `python -m cli.main`: use the module's own classes, not __main__'s copies
+    from cli.main import main as _main
+
+    sys.exit(_main())

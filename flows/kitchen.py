@@ -3,11 +3,14 @@ and out of distribution, report, register the soups and promote the best."""
 
 from __future__ import annotations
 
+import json
+
 from prefect import flow
 
 from soups.config import PipelineConfig
 from soups.cooking import prepare_cooking
 from soups.pretrain import with_resolved_start
+from soups.recipes import get_recipe
 from tasks.adapters.tracking import client_for, ensure_experiment, tracked_run
 from tasks.cooking import (
     cook_task,
@@ -21,7 +24,7 @@ from tasks.promotion import promote
 
 @flow(name="kitchen", log_prints=True)
 def kitchen_flow(config: PipelineConfig) -> dict:
-    config = with_resolved_start(config)
+    config = with_resolved_start(config, missing_ok=True)  # imported fine-tunes need no start (see cook loop)
     experiment_id = ensure_experiment(config)
     client = client_for(config.tracking)
     tags = {"kind": "kitchen", "study": config.study_name}
@@ -32,8 +35,16 @@ def kitchen_flow(config: PipelineConfig) -> dict:
         setup = prepare_cooking(config, workdir)
         candidates = score_ingredients_task(setup, refs)
         heldout_scores = {c.name: c.scores["heldout"] for c in candidates}
+        skipped = {}
         for choice in config.kitchen.recipes:
+            missing = setup.recipe_inputs.missing(get_recipe(choice.name).needs)
+            if missing:  # e.g. no zero-shot base when cooking fine-tunes made elsewhere without model.pretrained
+                skipped[choice.name] = f"needs {', '.join(missing)}"
+                print(f"skipping {choice.name}: it needs {', '.join(missing)} (set model.pretrained to cook it)")
+                continue
             candidates += cook_task(setup, choice, refs, heldout_scores, workdir / "soups")
+        if skipped:
+            client.set_tag(run_id, "skipped_recipes", json.dumps(skipped))
         board = log_kitchen_report(config, run_id, candidates, setup, workdir)
         registered = register_candidates(config, experiment_id, run_id, candidates, refs, setup, workdir)
         decision = promote(config, run_id, registered, setup, workdir)

@@ -13,7 +13,7 @@ from tasks.promotion import promote, registered_candidate, rescore
 
 @flow(name="promote", log_prints=True)
 def promote_flow(config: PipelineConfig) -> dict:
-    config = with_resolved_start(config)
+    config = with_resolved_start(config, missing_ok=True)  # re-scoring needs the architecture, not the start
     experiment_id = ensure_experiment(config)
     client = client_for(config.tracking)
     versions = [

@@ -27,7 +27,7 @@ def sweep_flow(config: PipelineConfig) -> dict:
     experiment_id = ensure_experiment(config)
     study = open_study(config)
     client = client_for(config.tracking)
-    inputs = prepare_finetune(config.model, config.data, resolve_device(config.train.device))
+    inputs = prepare_finetune(config.finetune_config(), resolve_device(config.train.device))
     tags = {"kind": "sweep", "study": config.study_name}
     with tracked_run(client, experiment_id, f"sweep-{config.study_name}", tags) as parent_run_id:
         outcomes, failures = _run_trials(config, study, experiment_id, parent_run_id, inputs)

@@ -5,6 +5,7 @@ Every section has defaults that run offline on a 2-core CPU machine; a YAML file
 
 from __future__ import annotations
 
+from itertools import product
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,20 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
+    class Heldout(_Section):
+        """Where the model-selection split comes from (YAML key ``from``, a Python keyword, hence the alias)."""
+
+        model_config = ConfigDict(populate_by_name=True)
+
+        source: Literal["val", "train"] = Field(
+            "val",
+            alias="from",
+            description="'val': the val/ folder (csv: split 'val') is held-out. 'train': a stratified, seeded "
+            "`fraction` of each train class is held-out, as the paper did on ImageNet, and the one of val/ or "
+            "test/ present is the test split (both present is an error: ImageNet's val is the paper's test set).",
+        )
+        fraction: float = Field(0.02, gt=0, lt=1, description="Share of each train class held out with 'train'.")
+
     name: Literal["digits", "imagefolder", "csv"] = "digits"
     root: Path | None = Field(None, description="imagefolder: folder with train/ val/ test/ (+ shift folders).")
     manifest: Path | None = Field(None, description="csv: manifest with columns path,label[,split].")
@@ -37,6 +52,40 @@ class DataConfig(_Section):
         "named transforms (rotate, noise, blur, invert) from held-out images; imagefolder/csv take the named "
         "extra folders / split values out of the reported shifts.",
     )
+    heldout: Heldout = Field(
+        default_factory=Heldout, description="Held-out split: {from: val | train, fraction: 0.02} (imagefolder/csv)."
+    )
+    classnames: str | None = Field(
+        None,
+        description="Names the text tower reads: null (train folder names / csv labels; digits' own), 'imagenet' "
+        "(open_clip's IMAGENET_CLASSNAMES; needs exactly 1000 WordNet-id train folders, sorted), or a file of "
+        "'folder<TAB>name' or 'folder,name' lines.",
+    )
+    templates: str = Field(
+        "default",
+        description="Prompt templates: 'default' (digits' own, generic photo prompts otherwise), 'openai_imagenet' "
+        "(open_clip's 80), 'simple' (open_clip's 7), or a file with one template containing {} per line.",
+    )
+    label_maps: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per shift folder (csv: split value) whose classes are not named like train's: 'index' (class "
+        "folders named 0..N-1, as ImageNetV2) or a file of 'its name<TAB>train folder name' lines.",
+    )
+    class_subsets: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Per shift / ood_val set: the train class folder names (csv: labels) it is scored on, "
+        "overriding the classes inferred from its class folders (csv: its labels).",
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="imagefolder: where folder listings are cached (default <root>/.soups-cache); an unwritable "
+        "one only warns, and every load lists the folders again.",
+    )
+    bad_files: Literal["error", "skip"] = Field(
+        "error",
+        description="An unreadable image met while reading: 'error' raises naming it; 'skip' warns, records it "
+        "in the dataset's bad_files and returns the next readable image instead.",
+    )
 
     @model_validator(mode="after")
     def _paths_given(self) -> DataConfig:
@@ -44,6 +93,20 @@ class DataConfig(_Section):
             raise ValueError("data.root is required when data.name is 'imagefolder'")
         if self.name == "csv" and self.manifest is None:
             raise ValueError("data.manifest is required when data.name is 'csv'")
+        return self
+
+    @model_validator(mode="after")
+    def _layout_options_fit(self) -> DataConfig:
+        if self.name == "digits" and (self.heldout.source == "train" or self.label_maps or self.class_subsets):
+            raise ValueError(
+                "data.heldout.from train, data.label_maps and data.class_subsets are for imagefolder/csv data; "
+                "digits has fixed splits and full-class shift sets: remove them"
+            )
+        if "train" in self.label_maps:
+            raise ValueError("data.label_maps names 'train', whose folders define the classes; map shift sets only")
+        empty = [name for name, classes in self.class_subsets.items() if not classes]
+        if empty:
+            raise ValueError(f"data.class_subsets[{empty[0]!r}] is empty; list the class folders the set covers")
         return self
 
 
@@ -65,6 +128,34 @@ class TrainConfig(_Section):
     bf16: bool = Field(True, description="bfloat16 autocast for training on CUDA (ignored on CPU).")
     threads: int | None = Field(None, ge=1, description="CPU threads for this run (default: all cores).")
     eval_batch_size: int = Field(512, ge=1)
+    crop_scale: tuple[float, float] | None = Field(
+        None,
+        description="Random resized crop scale range at the model's resolution (the paper's ImageNet runs: timm's "
+        "[0.08, 1.0]); null: resize and centre-crop (the digits default).",
+    )
+    hflip: bool = Field(False, description="Random horizontal flip, p 0.5 (ImageNet yes; digits must not flip).")
+    cache_bytes: int = Field(
+        8 << 30, ge=0, description="Decode the train split once into memory when it fits; stream it from disk beyond."
+    )
+    workers: int = Field(4, ge=0, description="DataLoader worker processes when the train split is streamed.")
+    prefetch: int = Field(2, ge=1, description="Batches each worker prepares ahead.")
+
+    @model_validator(mode="after")
+    def _crop_scale_range(self) -> TrainConfig:
+        if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {list(self.crop_scale)}")
+        return self
+
+
+class EvalConfig(_Section):
+    """How the kitchen reads evaluation splits: decoded once into memory while they fit, streamed beyond."""
+
+    cache_bytes: int = Field(
+        8 << 30,
+        ge=0,
+        description="Memory for decoded evaluation splits (held-out first, then test, then shifts); the rest stream.",
+    )
+    workers: int = Field(2, ge=0, description="DataLoader worker processes for streamed evaluation splits.")
 
 
 class FinetuneConfig(_Section):
@@ -119,18 +210,25 @@ class SweepConfig(_Section):
     study_name: str | None = Field(None, description="Defaults to the experiment name.")
 
 
-def _all_recipes() -> list[RecipeChoice]:
-    from soups.recipes import RECIPES
+def _default_recipes() -> list[RecipeChoice]:
+    from soups.recipes import DEFAULT_KITCHEN
 
-    return [RecipeChoice(name=name) for name in RECIPES]
+    return [RecipeChoice.model_validate(choice) for choice in DEFAULT_KITCHEN]
 
 
 class RecipeChoice(_Section):
     """One recipe to cook and its options, checked against the options the recipe declares (a bare name in
-    YAML keeps every default)."""
+    YAML keeps every default). ``grid`` lists values of options to try: the kitchen cooks every point, keeps
+    the one with the best held-out score and records the whole curve; test data never chooses."""
 
     name: str
+    label: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="The candidate's name, when a recipe is listed more than once (e.g. greedy_ties).",
+    )
     options: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="Option name -> values to try.")
 
     @model_validator(mode="before")
     @classmethod
@@ -141,13 +239,30 @@ class RecipeChoice(_Section):
     def _declared_options(self) -> RecipeChoice:
         from soups.recipes import recipe_options
 
-        self.options = recipe_options(self.name, self.options).model_dump(mode="json")
+        self.options = recipe_options(self.name, self.options).model_dump(mode="json", by_alias=True)
+        empty = [option for option, values in self.grid.items() if not values]
+        if empty:
+            raise ValueError(f"recipe {self.name!r} grid for {empty[0]!r} is empty; give at least one value")
+        for point in self.grid_points():
+            recipe_options(self.name, point)
         return self
+
+    @property
+    def key(self) -> str:
+        """The name of what it cooks in the leaderboard."""
+        return self.label or self.name
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """The options of every grid point (all options when there is no grid)."""
+        names = list(self.grid)
+        return [{**self.options, **dict(zip(names, values, strict=True))} for values in product(*self.grid.values())]
 
 
 class KitchenConfig(_Section):
     recipes: list[RecipeChoice] = Field(
-        default_factory=_all_recipes, description="Recipes to cook, each a name or {name, options}; default: all."
+        default_factory=_default_recipes,
+        description="Recipes to cook, each a name or {name, label, options, grid}; default: DEFAULT_KITCHEN of "
+        "soups/recipes/__init__.py.",
     )
     learned_fit_fraction: float = Field(
         0.5,
@@ -168,10 +283,10 @@ class KitchenConfig(_Section):
 
     @model_validator(mode="after")
     def _each_recipe_once(self) -> KitchenConfig:
-        names = [choice.name for choice in self.recipes]
-        twice = sorted({n for n in names if names.count(n) > 1})
+        keys = [choice.key for choice in self.recipes]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
         if twice:
-            raise ValueError(f"recipes {twice} are listed more than once; list each recipe once")
+            raise ValueError(f"recipes {twice} are listed more than once; give each a distinct label")
         return self
 
     def recipe_names(self) -> list[str]:
@@ -222,11 +337,19 @@ class PipelineConfig(_Section):
     space: dict[str, Distribution] = Field(default_factory=paper_search_space)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     kitchen: KitchenConfig = Field(default_factory=KitchenConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     pretrain: PretrainConfig | None = Field(
         default_factory=PretrainConfig,
         description="Pretrain offline when model.pretrained is null; set to null to fine-tune from random init.",
     )
+
+    @model_validator(mode="after")
+    def _digits_never_flip(self) -> PipelineConfig:
+        flips = self.train.hflip or ("hflip" in self.space)
+        if self.data.name == "digits" and flips:
+            raise ValueError("train.hflip: digits must not flip (a mirrored 2 or 7 is no digit); set it false")
+        return self
 
     @model_validator(mode="after")
     def _ood_val_to_promote_on(self) -> PipelineConfig:

@@ -17,8 +17,11 @@ import torch
 
 from soups.checkpoint import Ingredient, load_state_dict, save_state_dict
 from soups.config import PipelineConfig, RecipeChoice
-from soups.data import load_dataset
-from soups.evaluate import Evaluator, ImageTensors, Preprocess, decode, evaluation_splits
+from soups.data import DatasetBundle, load_dataset
+from soups.evaluate import Evaluator, evaluation_splits
+from soups.images import ImageTensors, Preprocess, cached_or_streamed
+from soups.models import empty_classifier
+from soups.pretrain import has_start
 from soups.recipes import Dish, FitSet, RecipeInputs, cook
 from soups.runtime import resolve_device
 from soups.serving import ClassifierSpec
@@ -77,23 +80,28 @@ def prepare_cooking(config: PipelineConfig, workdir: Path) -> CookingSetup:
     """
     device = resolve_device(config.train.device)
     bundle = load_dataset(config.data)
-    classifier = zero_shot_start(config.model, bundle, device)
-    base = save_state_dict(classifier.state_dict(), Path(workdir) / "zero-shot.safetensors")
+    if has_start(config):
+        classifier = zero_shot_start(config.model, bundle, device)
+        base = save_state_dict(classifier.state_dict(), Path(workdir) / "zero-shot.safetensors")
+    else:  # fine-tunes made elsewhere: the architecture scores them; recipes that need the base are skipped
+        classifier, base = empty_classifier(config.model.name, len(bundle.classnames), device), None
     preprocess = Preprocess.of(classifier)
-    splits, shifts = evaluation_splits(bundle, preprocess)
+    splits, shifts = evaluation_splits(bundle, preprocess, config.eval.cache_bytes, config.eval.workers)
     fraction, seed = config.kitchen.learned_fit_fraction, config.data.seed
     fit_rows, score_rows = heldout_partition(len(splits["heldout"]), fraction, seed)
     fit, splits["heldout"] = splits["heldout"].subset(fit_rows), splits["heldout"].subset(score_rows)
+    left = max(0, config.eval.cache_bytes - sum(len(s) for s in splits.values()) * preprocess.image_bytes())
+    ood = cached_or_streamed(list(bundle.ood_val.items()), preprocess, left, config.eval.workers)
     for name, dataset in bundle.ood_val.items():
-        decoded = decode(dataset, preprocess)
         # Sets made from the held-out images themselves keep only the scoring part, like held-out.
-        splits[f"oodval_{name}"] = decoded.subset(score_rows) if _same_images(dataset, bundle.heldout) else decoded
+        splits[f"oodval_{name}"] = ood[name].subset(score_rows) if _same_images(dataset, bundle.heldout) else ood[name]
     evaluator = Evaluator(
         classifier,
         splits,
         preprocess,
         shifts=shifts,
         ood_val=tuple(f"oodval_{name}" for name in bundle.ood_val),
+        class_subsets=_class_subsets(bundle),
         device=device,
         batch_size=config.train.eval_batch_size,
         bootstrap=config.kitchen.bootstrap,
@@ -124,6 +132,11 @@ def split_heldout(data: ImageTensors, fit_fraction: float, seed: int) -> tuple[I
     return data.subset(fit), data.subset(score)
 
 
+def _class_subsets(bundle: DatasetBundle) -> dict[str, list[int]]:
+    """Evaluator split name -> the classes a shift or ood-validation set covers, when it covers only some."""
+    return {(f"oodval_{n}" if n in bundle.ood_val else n): classes for n, classes in bundle.class_subsets.items()}
+
+
 def _same_images(dataset: Any, heldout: Any) -> bool:
     """Whether ``dataset`` is a transformed copy of the held-out split, row for row (digits' ood-val sets)."""
     rows, held = getattr(dataset, "indices", None), getattr(heldout, "indices", None)
@@ -145,9 +158,36 @@ def score_ingredients(setup: CookingSetup, ingredients: Sequence[Ingredient]) ->
 def cook_and_score(
     setup: CookingSetup, choice: RecipeChoice, ingredients: Sequence[Ingredient], out_dir: Path
 ) -> list[Candidate]:
-    """Cook one recipe, write each single-model dish to ``out_dir``, and score it on every split."""
-    dishes = cook(choice.name, ingredients, setup.recipe_inputs, **choice.options)
+    """Cook one recipe (its best grid point, when it has a grid), write each single-model dish to ``out_dir``,
+    and score it on every split. A label names the dish (greedy_ties) when the recipe is listed twice."""
+    if choice.grid:
+        dishes = [tune_on_heldout(setup, choice, ingredients)]
+    else:
+        dishes = cook(choice.name, ingredients, setup.recipe_inputs, **choice.options)
+    if choice.label:
+        for dish in dishes:
+            dish.name = choice.label if len(dishes) == 1 else f"{choice.label}_{dish.name}"
     return [_save_and_score(setup, dish, Path(out_dir)) for dish in dishes]
+
+
+def tune_on_heldout(setup: CookingSetup, choice: RecipeChoice, ingredients: Sequence[Ingredient]) -> Dish:
+    """Cook every grid point and keep the dish the held-out scoring split ranks first (accuracy, then loss);
+    the whole curve and the choice go into its details."""
+    best, best_key, curve = None, None, []
+    for point in choice.grid_points():
+        for dish in cook(choice.name, ingredients, setup.recipe_inputs, **point):
+            if dish.state_dict is None:
+                raise ValueError(f"recipe {choice.name!r} cooks ensembles, which a grid cannot tune; drop its grid")
+            setup.evaluator.load(dish.state_dict)
+            metrics = setup.evaluator.metrics("heldout")
+            tried = {k: point[k] for k in choice.grid}
+            curve.append({"options": tried, "heldout": metrics.accuracy, "heldout_loss": metrics.loss})
+            key = (metrics.accuracy, -metrics.loss)
+            if best_key is None or key > best_key:
+                best, best_key = dish, key
+                best.details = {**dish.details, "tuned": tried}
+    best.details["grid"] = curve
+    return best
 
 
 def _save_and_score(setup: CookingSetup, dish: Dish, out_dir: Path) -> Candidate:

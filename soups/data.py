@@ -16,22 +16,34 @@ so the split is made here, once, seeded by ``DataConfig.seed``; nothing downstre
       ``invert``  255 - pixel (black ink on white), deliberately hard for a model trained on clean digits.
     On a pixel logistic regression (clean ~0.97) these give roughly rotate 0.6, noise 0.92, blur 0.88,
     invert ~0. ``pretrain`` is kept apart from the other three splits for offline contrastive pretraining.
-``imagefolder`` -- ``root/{train,val,test}/<class>/<image>``; ``val`` is the held-out split and every other
-    non-hidden top-level folder is a shift set named after it. Class names: sorted sub-folders of train/.
+``imagefolder`` -- ``root/<split>/<class>/<image>`` (images may sit in sub-folders of a class folder); every
+    non-hidden top-level folder other than train/val/test is a shift set named after it. Class order: sorted
+    sub-folders of train/. Which folder is held-out and which is test depends on ``data.heldout.from``:
+      ``val`` (default)  train/ trains, val/ is held-out (selects models), test/ is test;
+      ``train``          a stratified, seeded ``data.heldout.fraction`` of each train class is held-out (the
+                         paper's 2 % of ImageNet train, 26 images a class) and the rest trains; whichever one
+                         of val/ and test/ exists is test, and having both is an error (rename the other).
+    Use ``train`` for ImageNet: its val/ is the paper's test set, so holding it out would select soups on the
+    test set. Shift folders named by class index (ImageNetV2: 0..999) or by other names are declared in
+    ``data.label_maps``.
 ``csv`` -- ``manifest`` with header ``path,label[,split]``; paths are relative to the manifest's folder
-    unless absolute. Class names: sorted labels of the train rows. Split ``train``/``val``/``test``; any
-    other split value is a shift set. Without a split column: seeded stratified train/val/test 70/10/20.
+    unless absolute. Class order: sorted labels of the train rows. Split ``train``/``val``/``test`` as the
+    folders above; any other split value is a shift set. Without a split column: seeded stratified
+    train/val/test 70/10/20 (train/test 80/20 when held-out is carved from train).
 
-For imagefolder and csv every image is opened and ``verify()``-ed by PIL inside `load_dataset`, so a
-corrupt or missing file fails before training rather than hours into it; this reads each file's header
-once (seconds for thousands of small images). Pixels are decoded lazily in ``__getitem__``.
+Class names and prompt templates default to the folder names (csv labels) and generic photo prompts;
+``data.classnames``/``data.templates`` swap in open_clip's ImageNet names and templates or files.
+``class_subsets`` lists, per shift or ood_val set covering fewer classes than the model has (ImageNet-A/-R:
+200, ObjectNet: 113), the class indices it is scored on: the evaluator restricts logits to them.
+
+Loading never opens an image, so a million files load in the time of a (cached) directory listing; a bad
+file surfaces when it is read, as `FileDataset` describes (``data.bad_files``).
 """
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -41,6 +53,17 @@ from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 
 from soups.config import DataConfig
+from soups.imagefiles import (
+    DatasetError,
+    FileDataset,
+    class_lookup,
+    class_subsets,
+    folder_set,
+    list_split,
+    read_manifest,
+    resolve_classnames,
+    resolve_templates,
+)
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_TEMPLATES = [
@@ -57,13 +80,9 @@ GENERIC_TEMPLATES = [
 ]
 DIGITS_FRACTIONS = {"pretrain": 0.35, "train": 0.35, "heldout": 0.10, "test": 0.20}
 CSV_FRACTIONS = {"train": 0.70, "val": 0.10, "test": 0.20}
+CSV_FRACTIONS_NO_VAL = {"train": 0.80, "test": 0.20}
 DIGITS_SIZE = 32
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 CORE_SPLITS = ("train", "val", "test")
-
-
-class DatasetError(ValueError):
-    """A bad dataset input; the message names the offending file or folder and what to do about it."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +99,9 @@ class DatasetBundle:
     pretrain: Dataset | None
     ood_val: dict[str, Dataset] = field(default_factory=dict)
     """Shift sets that may select models (``data.ood_val``): never built from test images."""
+    class_subsets: dict[str, list[int]] = field(default_factory=dict)
+    """Per shift or ood_val set whose label space is a strict subset of the model's classes: the sorted class
+    indices it covers (score it with logits restricted to these). Sets covering every class are absent."""
 
 
 class ArrayDataset(Dataset):
@@ -96,20 +118,6 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.images[i]).convert("RGB"), int(self.labels[i])
-
-
-class FileDataset(Dataset):
-    """Image files decoded lazily, so loading a bundle costs a directory scan, not a decode of every pixel."""
-
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int]) -> None:
-        self.paths, self.labels = list(paths), list(labels)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        with Image.open(self.paths[i]) as image:
-            return image.convert("RGB"), self.labels[i]
 
 
 def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -210,8 +218,8 @@ def load_digits_bundle(config: DataConfig) -> DatasetBundle:
         ood_val[name] = ArrayDataset(shifted, labels[heldout], heldout)
     return DatasetBundle(
         name="digits",
-        classnames=list(DIGIT_NAMES),
-        templates=list(DIGIT_TEMPLATES),
+        classnames=resolve_classnames(config.classnames, list(DIGIT_NAMES), "digits"),
+        templates=resolve_templates(config.templates, DIGIT_TEMPLATES),
         train=splits["train"],
         heldout=splits["heldout"],
         test=splits["test"],
@@ -224,17 +232,6 @@ def load_digits_bundle(config: DataConfig) -> DatasetBundle:
 # ------------------------------------------------------------------------------------ files on disk
 
 
-def _verify_image(path: Path, where: str) -> None:
-    """Fail at load time, naming the file, rather than inside a DataLoader worker mid-training."""
-    if not path.is_file():
-        raise DatasetError(f"image file {path} (listed in {where}) does not exist; fix the path or remove it")
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as err:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for bad files
-        raise DatasetError(f"image file {path} cannot be read as an image ({err}); replace or remove it") from err
-
-
 def _require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
         raise DatasetError(f"{what} folder {path} does not exist; create it or fix the config path")
@@ -244,56 +241,84 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _scan_split(folder: Path, classnames: list[str]) -> FileDataset:
-    """Collect and verify one split folder's images, rejecting classes the model has no output for."""
-    loose = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    if loose:
-        raise DatasetError(f"image {loose[0]} sits directly in {folder}; move it into a class sub-folder")
-    index = {name: i for i, name in enumerate(classnames)}
-    paths: list[Path] = []
-    labels: list[int] = []
-    for class_dir in _visible_dirs(folder):
-        if class_dir.name not in index:
-            raise DatasetError(
-                f"class folder {class_dir} is not a class of the train split ({', '.join(classnames)}); "
-                "rename it or add the class to train/"
-            )
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files and folder.name == "train":
-            raise DatasetError(f"class folder {class_dir} has no images; add images or remove the folder")
-        for path in files:
-            _verify_image(path, str(folder))
-        paths += files
-        labels += [index[class_dir.name]] * len(files)
-    if not paths:
-        raise DatasetError(f"split folder {folder} contains no images in class sub-folders; add some")
-    return FileDataset(paths, labels)
+def _test_split(config: DataConfig, present: Collection[str], where: str) -> str:
+    """Which split is test: ``test`` while val is held-out; once held-out comes from train, whichever of val and
+    test exists (ImageNet ships its test set as val). Both is ambiguous, so an error rather than a guess."""
+    if config.heldout.source == "val":
+        return "test"
+    found = [split for split in ("val", "test") if split in present]
+    if len(found) == 1:
+        return found[0]
+    fix = "rename the other one (it becomes a shift set)" if found else "add it"
+    raise DatasetError(
+        f"the {where} include {'both val and test' if found else 'neither val nor test'}; with data.heldout.from train "
+        f"exactly one of val and test is the test split: {fix}, or use data.heldout.from val"
+    )
+
+
+def _required_splits(config: DataConfig, test: str) -> tuple[str, ...]:
+    return CORE_SPLITS if config.heldout.source == "val" else ("train", test)
+
+
+def _arrange(
+    sets: dict[str, FileDataset], test: str, config: DataConfig, where: str
+) -> tuple[FileDataset, FileDataset, FileDataset]:
+    """(train, held-out, test): val as held-out, or a stratified, seeded share of every train class."""
+    if config.heldout.source == "val":
+        return sets["train"], sets["val"], sets["test"]
+    fraction = config.heldout.fraction
+    keep, held = stratified_split(np.asarray(sets["train"].labels), [1 - fraction, fraction], config.seed)
+    if len(held) == 0:
+        raise DatasetError(f"data.heldout.fraction {fraction} holds out no train image of {where}; raise it")
+    return sets["train"].subset(keep), sets["train"].subset(held), sets[test]
+
+
+def _check_label_maps(config: DataConfig, names: Sequence[str], where: str) -> None:
+    unknown = sorted(set(config.label_maps) - set(names))
+    if unknown:
+        raise DatasetError(f"data.label_maps names {unknown}, which are not among the {where}: {', '.join(names)}")
 
 
 def load_imagefolder_bundle(config: DataConfig) -> DatasetBundle:
-    """Folders on disk: train/val/test plus any extra top-level folder as a named distribution shift."""
+    """Folders on disk: train plus held-out/test folders (see the module docstring) and named shift folders.
+
+    Listings are cached under ``data.cache_dir`` (default ``<root>/.soups-cache``), so a second load of
+    ImageNet stats ~2000 folders instead of listing 1.3M files.
+    """
     if config.root is None:
         raise DatasetError("data.root is not set; point it at a folder with train/ val/ test/")
     root = Path(config.root)
     _require_dir(root, "imagefolder root")
-    for split in CORE_SPLITS:
+    folders = [d.name for d in _visible_dirs(root)]
+    test = _test_split(config, folders, f"folders of {root}")
+    for split in _required_splits(config, test):
         _require_dir(root / split, f"{split} split")
-    classnames = [p.name for p in _visible_dirs(root / "train")]
-    if not classnames:
+    _check_label_maps(config, folders, f"folders of {root}")
+    cache_dir = config.cache_dir or root / ".soups-cache"
+    listings = {name: list_split(root / name, cache_dir) for name in ["train", *(f for f in folders if f != "train")]}
+    keys = list(listings["train"].classes)
+    if not keys:
         raise DatasetError(f"split folder {root / 'train'} has no class sub-folders; add one per class")
-    splits = {split: _scan_split(root / split, classnames) for split in CORE_SPLITS}
-    extra = {d.name: _scan_split(d, classnames) for d in _visible_dirs(root) if d.name not in CORE_SPLITS}
+    built = {
+        name: folder_set(listing, class_lookup(keys, config.label_maps.get(name)), config.bad_files, name == "train")
+        for name, listing in listings.items()
+    }
+    sets = {name: dataset for name, (dataset, _) in built.items()}
+    train, heldout, test_set = _arrange(sets, test, config, str(root))
+    extra = {name: dataset for name, dataset in sets.items() if name not in CORE_SPLITS}
     shifts, ood_val = _set_aside_ood_val(extra, config, f"folders of {root}")
+    subsets = class_subsets({name: built[name][1] for name in extra}, keys, config.class_subsets, f"folders of {root}")
     return DatasetBundle(
         name="imagefolder",
-        classnames=classnames,
-        templates=list(GENERIC_TEMPLATES),
-        train=splits["train"],
-        heldout=splits["val"],
-        test=splits["test"],
+        classnames=resolve_classnames(config.classnames, keys, str(root / "train")),
+        templates=resolve_templates(config.templates, GENERIC_TEMPLATES),
+        train=train,
+        heldout=heldout,
+        test=test_set,
         shifts=shifts,
         pretrain=None,
         ood_val=ood_val,
+        class_subsets=subsets,
     )
 
 
@@ -308,70 +333,57 @@ def _set_aside_ood_val(
     return shifts, {name: extra[name] for name in config.ood_val}
 
 
-def _read_manifest(manifest: Path) -> tuple[list[dict[str, str]], bool]:
-    """Rows with stripped fields and whether a split column exists; unknown columns are typos, so errors."""
-    if not manifest.is_file():
-        raise DatasetError(f"manifest {manifest} does not exist; fix data.manifest")
-    with manifest.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        if not {"path", "label"} <= set(columns) or not set(columns) <= {"path", "label", "split"}:
-            raise DatasetError(f"manifest {manifest} has columns {columns}; the header must be path,label[,split]")
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
-    for line, row in enumerate(rows, start=2):
-        empty = [c for c in columns if not row.get(c)]
-        if empty:
-            raise DatasetError(f"manifest {manifest} line {line} has an empty {empty[0]!r}; fill it in")
-    if not rows:
-        raise DatasetError(f"manifest {manifest} has no rows; list at least one image per split")
-    return rows, "split" in columns
-
-
 def load_csv_bundle(config: DataConfig) -> DatasetBundle:
     """A manifest of labelled images; a split column pins the split, otherwise a seeded stratified one."""
     if config.manifest is None:
         raise DatasetError("data.manifest is not set; point it at a CSV with columns path,label[,split]")
     manifest = Path(config.manifest)
-    rows, has_split = _read_manifest(manifest)
+    rows, has_split = read_manifest(manifest)
     if not has_split:
-        labels = np.array([row["label"] for row in rows])
-        parts = stratified_split(labels, list(CSV_FRACTIONS.values()), config.seed)
-        for split, idx in zip(CSV_FRACTIONS, parts, strict=True):
+        fractions = CSV_FRACTIONS if config.heldout.source == "val" else CSV_FRACTIONS_NO_VAL
+        parts = stratified_split(np.array([row["label"] for row in rows]), list(fractions.values()), config.seed)
+        for split, idx in zip(fractions, parts, strict=True):
             for i in idx:
                 rows[i]["split"] = split
-    classnames = sorted({row["label"] for row in rows if row["split"] == "train"})
-    index = {name: i for i, name in enumerate(classnames)}
-    grouped: dict[str, tuple[list[Path], list[int]]] = {split: ([], []) for split in CORE_SPLITS}
+    where = f"split values of {manifest}"
+    present = list(dict.fromkeys(row["split"] for row in rows))
+    test = _test_split(config, present, where)
+    _check_label_maps(config, present, where)
+    required = _required_splits(config, test)
+    keys = sorted({row["label"] for row in rows if row["split"] == "train"})
+    if not keys:
+        raise DatasetError(f"manifest {manifest} has no 'train' rows; add some (they define the classes)")
+    lookups = {split: class_lookup(keys, config.label_maps.get(split)) for split in present}
+    grouped: dict[str, tuple[list[Path], list[int]]] = {split: ([], []) for split in required}
     for line, row in enumerate(rows, start=2):
         path = Path(row["path"])
         path = path if path.is_absolute() else manifest.parent / path
-        if row["label"] not in index:
-            raise DatasetError(
-                f"manifest {manifest} line {line}: label {row['label']!r} of {path} is not a train class "
-                f"({', '.join(classnames) or 'no train rows'}); add train images of it or fix the label"
-            )
-        _verify_image(path, f"manifest {manifest} line {line}")
+        where_row = f"manifest {manifest} line {line}: label {row['label']!r} of {path}"
+        label = lookups[row["split"]](row["label"], where_row)
         paths, labels = grouped.setdefault(row["split"], ([], []))
         paths.append(path)
-        labels.append(index[row["label"]])
-    for split in CORE_SPLITS:
+        labels.append(label)
+    for split in required:
         if not grouped[split][0]:
             raise DatasetError(
                 f"manifest {manifest} has no {split!r} rows; add some (or more rows per class for the automatic split)"
             )
-    datasets = {split: FileDataset(paths, labels) for split, (paths, labels) in grouped.items()}
-    extra = {split: ds for split, ds in datasets.items() if split not in CORE_SPLITS}
-    shifts, ood_val = _set_aside_ood_val(extra, config, f"split values of {manifest}")
+    sets = {split: FileDataset(paths, labels, config.bad_files) for split, (paths, labels) in grouped.items()}
+    train, heldout, test_set = _arrange(sets, test, config, str(manifest))
+    extra = {split: dataset for split, dataset in sets.items() if split not in CORE_SPLITS}
+    shifts, ood_val = _set_aside_ood_val(extra, config, where)
+    subsets = class_subsets({name: set(ds.labels) for name, ds in extra.items()}, keys, config.class_subsets, where)
     return DatasetBundle(
         name="csv",
-        classnames=classnames,
-        templates=list(GENERIC_TEMPLATES),
-        train=datasets["train"],
-        heldout=datasets["val"],
-        test=datasets["test"],
+        classnames=resolve_classnames(config.classnames, keys, str(manifest)),
+        templates=resolve_templates(config.templates, GENERIC_TEMPLATES),
+        train=train,
+        heldout=heldout,
+        test=test_set,
         shifts=shifts,
         pretrain=None,
         ood_val=ood_val,
+        class_subsets=subsets,
     )
 
 

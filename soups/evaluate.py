@@ -1,102 +1,36 @@
 """Fast evaluation of many models on the same images.
 
 A greedy soup scores dozens of candidates on one held-out set, and the kitchen scores every candidate on
-held-out, test and every shift set. Each split is therefore decoded and resized once into a uint8 tensor
-(4x smaller than float, cheap to move to a GPU) and normalised per batch on the device; candidates are
-loaded into one existing module with ``load_state_dict`` rather than rebuilt.
+held-out, test and every shift set. Splits are therefore decoded once into uint8 tensors while they fit the
+cache budget (held-out first: it is the one scored dozens of times) and streamed by workers beyond it;
+candidates are loaded into one existing module with ``load_state_dict`` rather than rebuilt. Shift sets
+that cover only some classes (ImageNet-A/-R, ObjectNet) are scored on those classes' logits only, as the
+official code does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 from soups.checkpoint import StateDict
 from soups.data import DatasetBundle
+from soups.images import ImageSplit, ImageTensors, Preprocess, cached_or_streamed
 from soups.intervals import bootstrap_interval
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """The model's eval preprocessing, split into a decode-once part and a per-batch normalisation."""
-
-    size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str = "bicubic"
-
-    @classmethod
-    def of(cls, module: nn.Module) -> Preprocess:
-        """Read open_clip's preprocessing config from a CLIP model or our classifier (both have ``.visual``)."""
-        import open_clip
-
-        cfg = open_clip.get_model_preprocess_cfg(module)
-        size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
-        return cls(size, tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic"))
-
-    def resize(self) -> v2.Compose:
-        """Resize the short side and centre-crop to the model's square input (PIL images or uint8 tensors)."""
-        mode = v2.InterpolationMode(self.interpolation)
-        return v2.Compose([v2.Resize(self.size, interpolation=mode, antialias=True), v2.CenterCrop(self.size)])
-
-    def decode_transform(self) -> v2.Compose:
-        return v2.Compose([v2.PILToTensor(), self.resize()])
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B,3,H,W] on any device -> normalised float32."""
-        mean, std = self._stats(images.device)
-        return (images.float() / 255.0 - mean) / std
-
-    @lru_cache(maxsize=8)  # noqa: B019 - frozen and hashable; one small pair of tensors per device
-    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std on ``device``, made once instead of a host-to-device copy per batch."""
-        shape = (1, -1, 1, 1)
-        return (torch.tensor(self.mean, device=device).view(shape), torch.tensor(self.std, device=device).view(shape))
-
-
-@dataclass(frozen=True)
-class ImageTensors:
-    """A split decoded once: uint8 images [N,3,H,W] and int64 labels [N]."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, rows: torch.Tensor) -> ImageTensors:
-        return ImageTensors(self.images[rows], self.labels[rows])
-
-    def batches(self, batch_size: int):
-        for start in range(0, len(self), batch_size):
-            yield self.images[start : start + batch_size], self.labels[start : start + batch_size]
-
-
-def decode(dataset: Dataset, preprocess: Preprocess) -> ImageTensors:
-    """Decode and resize every image of a (PIL image, label) dataset once."""
-    transform = preprocess.decode_transform()
-    images, labels = [], []
-    for index in range(len(dataset)):
-        image, label = dataset[index]
-        images.append(transform(image.convert("RGB")))
-        labels.append(int(label))
-    if not images:
-        raise ValueError("cannot evaluate on an empty split")
-    return ImageTensors(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
-
-
-def evaluation_splits(bundle: DatasetBundle, preprocess: Preprocess) -> tuple[dict[str, ImageTensors], tuple[str, ...]]:
-    """Held-out, test and every shift set of a dataset, each decoded once; returns (splits, shift names)."""
-    splits = {"heldout": decode(bundle.heldout, preprocess), "test": decode(bundle.test, preprocess)}
-    splits.update({name: decode(dataset, preprocess) for name, dataset in bundle.shifts.items()})
-    return splits, tuple(bundle.shifts)
+def evaluation_splits(
+    bundle: DatasetBundle, preprocess: Preprocess, cache_bytes: int | None = None, workers: int = 2
+) -> tuple[dict[str, ImageSplit], tuple[str, ...]]:
+    """Held-out, test and every shift set of a dataset, decoded once while they fit ``cache_bytes`` (no limit
+    by default) in that order, streamed beyond; returns (splits, shift names)."""
+    named = [("heldout", bundle.heldout), ("test", bundle.test), *bundle.shifts.items()]
+    budget = cache_bytes if cache_bytes is not None else sum(len(d) for _, d in named) * preprocess.image_bytes()
+    return cached_or_streamed(named, preprocess, budget, workers), tuple(bundle.shifts)
 
 
 @dataclass(frozen=True)
@@ -109,30 +43,42 @@ class Metrics:
 
 
 def _forward(
-    model: nn.Module, data: ImageTensors, preprocess: Preprocess, batch_size: int, device: torch.device
+    model: nn.Module,
+    data: ImageSplit,
+    preprocess: Preprocess,
+    batch_size: int,
+    device: torch.device,
+    classes: Sequence[int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(float32 logits, labels) per batch on ``device``, the model in eval mode, bf16 autocast on CUDA."""
+    """(float32 logits, labels) per batch on ``device``, the model in eval mode, bf16 autocast on CUDA. With
+    ``classes``, logits are restricted to those classes and labels renumbered to positions among them."""
     model.eval()
+    subset = torch.as_tensor(sorted(classes), device=device) if classes else None
     for images, labels in data.batches(batch_size):
         images = preprocess.normalize(images.to(device, non_blocking=True))
+        labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(images)
-        yield logits.float(), labels.to(device, non_blocking=True)
+            logits = model(images).float()
+        if subset is not None:
+            logits, labels = logits[:, subset], torch.searchsorted(subset, labels)
+        yield logits, labels
 
 
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    data: ImageTensors,
+    data: ImageSplit,
     preprocess: Preprocess,
     *,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
+    classes: Sequence[int] | None = None,
 ) -> Metrics:
-    """Top-1 accuracy, mean cross-entropy and per-image hits of ``model`` on a decoded split."""
+    """Top-1 accuracy, mean cross-entropy and per-image hits of ``model`` on a split (over ``classes`` only,
+    when the split covers a subset of the model's classes)."""
     device = torch.device(device)
     hits, loss_sum = [], torch.zeros((), device=device)  # kept on the device: one sync at the end
-    for logits, labels in _forward(model, data, preprocess, batch_size, device):
+    for logits, labels in _forward(model, data, preprocess, batch_size, device, classes):
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         hits.append(logits.argmax(dim=-1) == labels)
     correct = torch.cat(hits).cpu()
@@ -141,7 +87,7 @@ def evaluate(
 
 @torch.inference_mode()
 def logits_of(
-    model: nn.Module, data: ImageTensors, preprocess: Preprocess, *, batch_size: int = 512, device="cpu"
+    model: nn.Module, data: ImageSplit, preprocess: Preprocess, *, batch_size: int = 512, device="cpu"
 ) -> torch.Tensor:
     """float32 logits [N, classes] of a decoded split, on the CPU (for combining models' predictions)."""
     batches = _forward(model, data, preprocess, batch_size, torch.device(device))
@@ -167,11 +113,12 @@ class Evaluator:
     def __init__(
         self,
         module: nn.Module,
-        splits: Mapping[str, ImageTensors],
+        splits: Mapping[str, ImageSplit],
         preprocess: Preprocess,
         *,
         shifts: tuple[str, ...] = (),
         ood_val: tuple[str, ...] = (),
+        class_subsets: Mapping[str, Sequence[int]] | None = None,
         device: torch.device | str = "cpu",
         batch_size: int = 512,
         bootstrap: int = 0,
@@ -184,8 +131,9 @@ class Evaluator:
         self.groups = {"shift_mean": shifts, "ood_val_mean": ood_val}
         self.batch_size = batch_size
         self.bootstrap, self.seed = bootstrap, seed
+        self.class_subsets = dict(class_subsets or {})
         if self.device.type == "cuda":
-            self.splits = {name: ImageTensors(s.images.pin_memory(), s.labels) for name, s in self.splits.items()}
+            self.splits = {n: s.pinned() if isinstance(s, ImageTensors) else s for n, s in self.splits.items()}
 
     @property
     def shifts(self) -> tuple[str, ...]:
@@ -197,7 +145,12 @@ class Evaluator:
 
     def metrics(self, split: str, model: nn.Module | None = None) -> Metrics:
         return evaluate(
-            model or self.module, self.splits[split], self.preprocess, batch_size=self.batch_size, device=self.device
+            model or self.module,
+            self.splits[split],
+            self.preprocess,
+            batch_size=self.batch_size,
+            device=self.device,
+            classes=self.class_subsets.get(split),
         )
 
     def accuracy(self, state_dict: StateDict, split: str = "heldout") -> float:

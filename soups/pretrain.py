@@ -30,7 +30,8 @@ from torch.utils.data import Dataset
 from soups.checkpoint import save_state_dict
 from soups.config import PipelineConfig, PretrainConfig
 from soups.data import DatasetBundle
-from soups.evaluate import Preprocess, decode, evaluate
+from soups.evaluate import evaluate
+from soups.images import Preprocess, decode
 from soups.models import Transform, build_classifier, create_clip
 from soups.runtime import use_cores
 from soups.train import warmup_cosine
@@ -181,17 +182,26 @@ def start_path(config: PipelineConfig) -> Path:
     ).resolve()
 
 
+def has_start(config: PipelineConfig) -> bool:
+    """Whether a resolved config has the start its ingredients were fine-tuned from: weights, or random init
+    by choice. Without one (imported fine-tunes, no pretrained weights given) nothing can be built from it."""
+    return config.model.pretrained is not None or config.pretrain is None
+
+
 def needs_offline_start(config: PipelineConfig) -> bool:
     """No pretrained weights are configured and the config asks for an offline pretrained start."""
     return config.model.pretrained is None and config.pretrain is not None
 
 
-def with_resolved_start(config: PipelineConfig) -> PipelineConfig:
+def with_resolved_start(config: PipelineConfig, missing_ok: bool = False) -> PipelineConfig:
     """The config whose ``model.pretrained`` names the start every fine-tune uses: the configured weights, else
-    this config's offline pretrained checkpoint, which must exist (random init when ``pretrain`` is null)."""
+    this config's offline pretrained checkpoint, which must exist (random init when ``pretrain`` is null).
+    With ``missing_ok`` a missing offline start leaves ``model.pretrained`` null (see `has_start`)."""
     if not needs_offline_start(config):
         return config
     path = start_path(config)
+    if not path.is_file() and missing_ok:
+        return config
     if not path.is_file():
         raise FileNotFoundError(
             f"no pretrained start at {path}; run 'soups pretrain' (or 'soups run') first, or set model.pretrained"

@@ -126,6 +126,28 @@ def greedy_trajectory_figure(trajectory: Sequence[dict[str, Any]]):
     return fig
 
 
+def grid_figure(name: str, curve: Sequence[dict[str, Any]], chosen: dict[str, Any]):
+    """Held-out accuracy of every grid point a recipe was tuned over, the chosen one marked (like WiSE-FT's α)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [", ".join(f"{k}={v}" for k, v in point["options"].items()) for point in curve]
+    scores = [point["heldout"] for point in curve]
+    ax.plot(range(len(curve)), scores, "o-", c="tab:blue")
+    best = next(i for i, point in enumerate(curve) if point["options"] == chosen)
+    ax.scatter([best], [scores[best]], s=150, facecolors="none", edgecolors="tab:red", label="chosen")
+    ax.set_xticks(range(len(curve)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("held-out accuracy (scoring part)")
+    ax.set_title(f"{name}: tuned on held-out")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def mixing_weights_figure(coefficients: list[float] | dict[str, list[float]], ingredient_names: Sequence[str]):
     """Learned soup weights: a bar per ingredient (global) or a heat map of tensors × ingredients (by layer)."""
     import matplotlib

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soups.evaluate import Preprocess
+from soups.images import Preprocess
 from soups.models import ClipClassifier, load_classifier
 
 WEIGHTS_FILE = "weights.safetensors"

@@ -12,22 +12,21 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn import functional as F
-from torchvision.transforms import v2
 
 from soups.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 from soups.data import DatasetBundle, load_dataset
-from soups.evaluate import ImageTensors, Preprocess, decode, evaluate
+from soups.evaluate import evaluate
+from soups.images import ImageSplit, Preprocess, cached_or_streamed, decode
 from soups.models import ClipClassifier, build_classifier, save_classifier
 from soups.runtime import resolve_device, use_cores
+from soups.train_input import TrainImages, epoch_batches
 
 
 class TrainingDivergedError(RuntimeError):
@@ -67,23 +66,27 @@ def zero_shot_start(model: ModelConfig, bundle: DatasetBundle, device: torch.dev
 @dataclass(frozen=True)
 class FinetuneInputs:
     """What every fine-tune of one (model, dataset) shares, built once by `prepare_finetune`: the zero-shot
-    start (never trained itself; each run trains a copy) and the train and held-out splits, decoded."""
+    start (never trained itself; each run trains a copy), the train split and the decoded held-out split."""
 
     model: ModelConfig
     data: DataConfig
     start: ClipClassifier
     preprocess: Preprocess
-    train: ImageTensors
-    heldout: ImageTensors
+    train: TrainImages
+    heldout: ImageSplit
 
 
-def prepare_finetune(model: ModelConfig, data: DataConfig, device: torch.device | str = "cpu") -> FinetuneInputs:
-    """Load the dataset, build the zero-shot start and decode train and held-out, once for many runs."""
-    bundle = load_dataset(data)
-    start = zero_shot_start(model, bundle, device)
+def prepare_finetune(config: FinetuneConfig, device: torch.device | str = "cpu") -> FinetuneInputs:
+    """Load the dataset and build the zero-shot start once for many runs; decode held-out, and train when it fits
+    ``train.cache_bytes`` (otherwise each run streams it with ``train.workers`` processes)."""
+    bundle = load_dataset(config.data)
+    start = zero_shot_start(config.model, bundle, device)
     preprocess = Preprocess.of(start)
-    train, heldout = decode(bundle.train, preprocess), decode(bundle.heldout, preprocess)
-    return FinetuneInputs(model, data, start, preprocess, train, heldout)
+    settings = config.train
+    splits = cached_or_streamed([("heldout", bundle.heldout)], preprocess, settings.cache_bytes, settings.workers)
+    fits = len(bundle.train) * preprocess.image_bytes() <= settings.cache_bytes
+    train = TrainImages(bundle.train, decode(bundle.train, preprocess) if fits else None)
+    return FinetuneInputs(config.model, config.data, start, preprocess, train, splits["heldout"])
 
 
 def finetune(
@@ -118,8 +121,8 @@ def finetune(
 
 def _train(
     classifier: ClipClassifier,
-    train_set: ImageTensors,
-    heldout: ImageTensors,
+    train_set: TrainImages,
+    heldout: ImageSplit,
     preprocess: Preprocess,
     train: TrainConfig,
     device: torch.device,
@@ -129,38 +132,30 @@ def _train(
     classifier.to(device)
     if cuda:
         classifier.to(memory_format=torch.channels_last)
-    images, labels = train_set.images, train_set.labels
     steps_per_epoch = math.ceil(len(train_set) / train.batch_size)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(train.warmup_steps, steps_per_epoch * train.epochs)
     )
-    augment = paper_randaugment(train.randaugment_m, train.randaugment_n, preprocess, train.seed)
-    generator = torch.Generator().manual_seed(train.seed)
+    next_epoch = epoch_batches(train_set, preprocess, train, pin=cuda)  # pinned: host-to-GPU copies overlap
+    mixing = torch.Generator().manual_seed(train.seed)
     history = []
     for epoch in range(1, train.epochs + 1):
         classifier.train()
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
-        order = torch.randperm(len(train_set), generator=generator)
-        for start in range(0, len(order), train.batch_size):
-            index = order[start : start + train.batch_size]
-            batch = images[index]
-            if augment is not None:
-                batch = torch.stack([augment(image) for image in batch])  # per image, as timm augments PIL images
-            if cuda:  # the gathered batch is fresh pageable memory: pin it so the copy overlaps compute
-                batch = batch.pin_memory()
+        for batch, labels in next_epoch():
             batch = preprocess.normalize(batch.to(device, non_blocking=True))
             if cuda:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            loss = _step_loss(classifier, batch, labels[index].to(device, non_blocking=True), train, generator)
+            loss = _step_loss(classifier, batch, labels.to(device, non_blocking=True), train, mixing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(classifier.parameters(), train.grad_clip)
             optimizer.step()
             schedule.step()
-            loss_sum += loss.detach() * len(index)
-        train_loss = float(loss_sum) / len(order)
+            loss_sum += loss.detach() * len(labels)
+        train_loss = float(loss_sum) / len(train_set)
         if not math.isfinite(train_loss):
             raise TrainingDivergedError(
                 f"training loss became {train_loss} in epoch {epoch} (lr {train.lr:g}); "
@@ -172,36 +167,6 @@ def _train(
         if on_epoch is not None:
             on_epoch(report)
     return history
-
-
-def randaugment_transform(magnitude: int, ops: int, preprocess: Preprocess):
-    """timm's RandAugment exactly as the paper's sweep named it, ``rand-m{M}-n{N}``: N ops drawn per image, each
-    applied with probability 0.5 at magnitude M out of 10 (timm clips M > 10, so the sweep's M 1..20 keeps
-    its meaning), with timm's training hparams for the model's input size and mean."""
-    from timm.data import rand_augment_transform
-
-    hparams = {
-        "translate_const": int(preprocess.size * 0.45),
-        "img_mean": tuple(min(255, round(255 * m)) for m in preprocess.mean),
-    }
-    return rand_augment_transform(f"rand-m{magnitude}-n{ops}", hparams)
-
-
-def paper_randaugment(
-    magnitude: int, ops: int, preprocess: Preprocess, seed: int
-) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """`randaugment_transform` on uint8 [3,H,W] tensors, or None when ``ops`` is 0. timm draws from Python's
-    and numpy's global generators, so they are seeded here for a reproducible run."""
-    if not ops:
-        return None
-    transform = randaugment_transform(magnitude, ops, preprocess)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-    def augment(image: torch.Tensor) -> torch.Tensor:
-        return v2.functional.pil_to_tensor(transform(v2.functional.to_pil_image(image)))
-
-    return augment
 
 
 def _step_loss(

@@ -112,7 +112,13 @@ def log_kitchen_report(
     kitchen run."""
     import matplotlib.pyplot as plt
 
-    from soups.report import accuracy_vs_shift_figure, greedy_trajectory_figure, leaderboard, mixing_weights_figure
+    from soups.report import (
+        accuracy_vs_shift_figure,
+        greedy_trajectory_figure,
+        grid_figure,
+        leaderboard,
+        mixing_weights_figure,
+    )
     from soups.reproduction import reproduction_report
 
     client = client_for(config.tracking)
@@ -137,6 +143,9 @@ def log_kitchen_report(
         if recipe in by_recipe:
             c = by_recipe[recipe]
             figures[f"{recipe}_weights.png"] = mixing_weights_figure(c.details["coefficients"], c.ingredients)
+    for c in candidates:
+        if "grid" in c.details:
+            figures[f"{c.name}_grid.png"] = grid_figure(c.name, c.details["grid"], c.details["tuned"])
     for name, figure in figures.items():
         client.log_figure(run_id, figure, name)
         plt.close(figure)
@@ -234,8 +243,12 @@ def _log_and_register(
             now = int(time.time() * 1000)
             batch = [Metric("fit_loss", v, now, start + i + 1) for i, v in enumerate(losses[start : start + 1000])]
             client.log_batch(run_id, metrics=batch)
+        for step, point in enumerate(candidate.details.get("grid", [])):  # the held-out tuning curve
+            client.log_metric(run_id, "grid_heldout", point["heldout"], step=step)
         client.log_dict(run_id, {"ingredients": candidate.ingredients, **candidate.details}, "details.json")
         version_tags = dict(lineage)
+        if "tuned" in candidate.details:
+            version_tags["tuned"] = json.dumps(candidate.details["tuned"])
         if "coefficients" in candidate.details:
             coefficients = json.dumps(candidate.details["coefficients"])
             too_long = len(coefficients) > _TAG_LIMIT

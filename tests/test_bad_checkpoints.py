@@ -143,3 +143,24 @@ def test_help_and_cook_never_load_orchestration_packages(tmp_path):
 def test_reading_a_directory_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         cook("uniform", [type(write_ingredients(tmp_path, [1])[0])(tmp_path)])
+
+
+def test_cli_cooks_any_file_recipe_with_a_base_and_named_params(tmp_path, capsys):
+    from soups.checkpoint import load_state_dict
+
+    base = write_ingredients(tmp_path / "base", [7])[0].path
+    good = write_ingredients(tmp_path, [1, 2])
+    out = tmp_path / "ta.safetensors"
+    argv = ["cook", "task_arithmetic", "--base", str(base), "--param", "lambda=0.5", "--out", str(out)]
+    assert main([*argv, *[str(g.path) for g in good]]) == 0
+    zero, a, b = (load_state_dict(p) for p in (base, good[0].path, good[1].path))
+    key = "layer.weight"
+    expected = zero[key] + 0.5 * ((a[key] - zero[key]) + (b[key] - zero[key]))
+    assert torch.allclose(load_state_dict(out)[key], expected, atol=1e-6)
+    assert main(["cook", "ties", "--out", str(tmp_path / "t.safetensors"), *[str(g.path) for g in good]]) == 2
+    assert "pass --base" in capsys.readouterr().err
+    assert main(["cook", "ties", "--base", str(base), "--param", "densty=0.2", "--out", str(tmp_path / "t.safetensors"),
+                 *[str(g.path) for g in good]]) == 2
+    assert "allowed options: density" in capsys.readouterr().err
+    assert main(["cook", "uniform", "--out", str(tmp_path), *[str(g.path) for g in good]]) == 2
+    assert "is a directory" in capsys.readouterr().err

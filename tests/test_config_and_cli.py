@@ -8,7 +8,7 @@ import torch
 from cli.main import main
 from soups.config import ConfigError, PipelineConfig, load_config
 from soups.cooking import split_heldout
-from soups.evaluate import ImageTensors
+from soups.images import ImageTensors
 
 
 def test_embedded_defaults_are_the_offline_paper_setup():
@@ -72,10 +72,9 @@ def test_heldout_is_split_into_disjoint_fit_and_score_parts():
 
 def test_recipe_options_are_checked_against_what_each_recipe_declares(tmp_path):
     config = load_config(None, {"kitchen.recipes": ["uniform", {"name": "greedy", "options": {"strict": True}}]})
-    assert [(c.name, c.options) for c in config.kitchen.recipes] == [
-        ("uniform", {"dtype": None}),
-        ("greedy", {"strict": True}),
-    ]
+    uniform, greedy = config.kitchen.recipes
+    assert (uniform.name, uniform.options) == ("uniform", {"dtype": None}), "defaults are filled in"
+    assert (greedy.name, greedy.options["strict"]) == ("greedy", True)
     with pytest.raises(ConfigError, match="unknown recipe 'soupe'; known recipes: best, uniform"):
         load_config(None, {"kitchen.recipes": ["soupe"]})
     with pytest.raises(ConfigError, match=r"option.*stps.*allowed options: steps, lr, batch_size"):

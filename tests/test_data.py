@@ -1,4 +1,5 @@
-"""Dataset registry: split integrity of digits, discovery on disk, and early, path-naming failures."""
+"""Dataset registry: split integrity of digits, discovery on disk, and path-naming failures (bad layouts when
+loading, bad image files when first read)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from torch.utils.data import Dataset
 
 from soups.config import DataConfig
 from soups.data import (
@@ -65,7 +67,7 @@ def test_digits_items_and_metadata(digits: DatasetBundle) -> None:
     image, label = digits.train[0]
     assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (32, 32)
     assert type(label) is int and 0 <= label < 10
-    assert digits.classnames == DIGIT_NAMES
+    assert digits.classnames == DIGIT_NAMES and digits.class_subsets == {}
     assert all(t.count("{}") == 1 for t in digits.templates)
     pixels = np.asarray(image)
     assert pixels.dtype == np.uint8 and pixels.max() > 128
@@ -148,6 +150,7 @@ def test_imagefolder_loads(tmp_path: Path) -> None:
     assert bundle.classnames == ["cat", "dog"]
     assert [len(bundle.train), len(bundle.heldout), len(bundle.test)] == [5, 2, 3]
     assert set(bundle.shifts) == {"sketch"} and bundle.pretrain is None
+    assert bundle.class_subsets == {"sketch": [1]}, "sketch has only dogs: score it on the dog class alone"
     assert [bundle.shifts["sketch"][i][1] for i in range(2)] == [1, 1]
     for image, label in (bundle.train[i] for i in range(len(bundle.train))):
         assert image.mode == "RGB" and type(label) is int
@@ -171,6 +174,7 @@ def test_csv_with_split_column(tmp_path: Path) -> None:
     assert bundle.classnames == ["cat", "dog"]
     assert [len(bundle.train), len(bundle.heldout), len(bundle.test)] == [2, 1, 1]
     assert set(bundle.shifts) == {"night"} and len(bundle.shifts["night"]) == 2
+    assert bundle.class_subsets == {}, "night has both classes"
     image, label = bundle.test[0]
     assert image.mode == "RGB" and label == 1
     assert [bundle.shifts["night"][i][1] for i in range(2)] == [1, 0]
@@ -226,11 +230,20 @@ def test_imagefolder_unknown_class_in_shift(tmp_path: Path) -> None:
     assert str(root / "fog" / "fish") in _imagefolder_error(root)
 
 
-def test_imagefolder_unreadable_image(tmp_path: Path) -> None:
+def _read_error(dataset: Dataset) -> str:
+    """Read every item (as decoding for training does) and return the error a bad file raises."""
+    with pytest.raises(DatasetError) as info:
+        for index in range(len(dataset)):
+            dataset[index]
+    return str(info.value)
+
+
+def test_imagefolder_unreadable_image_fails_when_read(tmp_path: Path) -> None:
     root = _tree(tmp_path, FULL)
     broken = root / "train" / "dog" / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    assert str(broken) in _imagefolder_error(root)
+    bundle = load_dataset(DataConfig(name="imagefolder", root=root))  # loading opens no image
+    assert str(broken) in _read_error(bundle.train)
 
 
 def _csv_error(manifest: Path) -> str:
@@ -248,10 +261,12 @@ def test_csv_missing_manifest(tmp_path: Path) -> None:
     assert str(tmp_path / "none.csv") in _csv_error(tmp_path / "none.csv")
 
 
-def test_csv_missing_image(tmp_path: Path) -> None:
+def test_csv_missing_image_fails_when_read(tmp_path: Path) -> None:
     _good_images(tmp_path)
     manifest = _csv(tmp_path, "path,label,split", ["a.png,cat,train", "gone.png,cat,val", "b.png,cat,test"])
-    assert str(tmp_path / "gone.png") in _csv_error(manifest)
+    bundle = load_dataset(DataConfig(name="csv", manifest=manifest))
+    message = _read_error(bundle.heldout)
+    assert str(tmp_path / "gone.png") in message and "does not exist" in message
 
 
 def test_csv_label_not_in_train(tmp_path: Path) -> None:
@@ -268,11 +283,12 @@ def test_csv_empty_split(tmp_path: Path) -> None:
     assert str(manifest) in message and "'val'" in message
 
 
-def test_csv_unreadable_image(tmp_path: Path) -> None:
+def test_csv_unreadable_image_fails_when_read(tmp_path: Path) -> None:
     _good_images(tmp_path)
     (tmp_path / "bad.png").write_text("text, not pixels")
     manifest = _csv(tmp_path, "path,label,split", ["a.png,cat,train", "bad.png,cat,val", "b.png,cat,test"])
-    assert str(tmp_path / "bad.png") in _csv_error(manifest)
+    bundle = load_dataset(DataConfig(name="csv", manifest=manifest))
+    assert str(tmp_path / "bad.png") in _read_error(bundle.heldout)
 
 
 @pytest.mark.parametrize("header", ["path", "path,label,splt", "file,label"])

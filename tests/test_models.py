@@ -108,7 +108,7 @@ def test_classifier_state_dict_is_visual_plus_head_with_clip_keys(
 def test_build_classifier_returns_eval_mode_classifier_whose_preprocessing_matches_open_clip() -> None:
     from PIL import Image
 
-    from soups.evaluate import Preprocess
+    from soups.images import Preprocess
 
     classifier = build_classifier(TINY, None, CLASSES, TEMPLATES)
     assert isinstance(classifier, ClipClassifier) and not classifier.training

@@ -17,7 +17,7 @@ from flows.promote import promote_flow
 from flows.sweep import sweep_flow
 from soups.config import PipelineConfig, load_config
 from soups.data import load_dataset
-from soups.evaluate import Preprocess, decode
+from soups.images import Preprocess, decode
 from soups.models import empty_classifier
 
 EXPERIMENT = "test-soups"

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from soups.config import DataConfig, PretrainConfig
 from soups.data import DatasetBundle, load_dataset
-from soups.evaluate import Preprocess, decode, evaluate
+from soups.evaluate import evaluate
+from soups.images import Preprocess, decode
 from soups.models import build_classifier
 from soups.pretrain import PretrainResult, label_aware_clip_loss, pretrain, train_clip
 from soups.runtime import available_cores, use_cores

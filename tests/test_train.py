@@ -25,7 +25,7 @@ def _config(pretrained, **train) -> FinetuneConfig:
 def inputs(pretrained_checkpoint):
     """The shared start and decoded splits, prepared once for every fine-tune of this module."""
     config = _config(pretrained_checkpoint)
-    return prepare_finetune(config.model, config.data)
+    return prepare_finetune(config)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_finetune_and_evaluate_on_an_image_folder(pretrained_checkpoint, tmp_pat
         {"model": {"pretrained": str(pretrained_checkpoint)}, "data": {"name": "imagefolder", "root": str(root)},
          "train": {"epochs": 2, "lr": 3e-4}}
     )
-    folder_inputs = prepare_finetune(config.model, config.data)
+    folder_inputs = prepare_finetune(config)
     result = finetune(config, folder_inputs, tmp_path / "folder.safetensors")
     assert result.metrics["heldout_accuracy"] > 0.5
     splits, shifts = evaluation_splits(load_dataset(config.data), folder_inputs.preprocess)
@@ -162,23 +162,24 @@ def test_randaugment_is_timms_transform_as_the_paper_named_it(inputs):
     import numpy as np
     from timm.data import rand_augment_transform
     from timm.data.auto_augment import RandAugment
+    from torchvision.transforms import v2
 
-    from soups.train import paper_randaugment, randaugment_transform
+    from soups.train_input import randaugment_transform, train_transform
 
     transform = randaugment_transform(10, 2, inputs.preprocess)
     assert isinstance(transform, RandAugment) and transform.num_layers == 2
     assert all(op.prob == 0.5 and op.magnitude == 10 for op in transform.ops)
     hparams = {"translate_const": int(inputs.preprocess.size * 0.45), "img_mean": (123, 117, 104)}
     reference = rand_augment_transform("rand-m10-n2", hparams)
-    image = inputs.train.images[0]
-    ours = paper_randaugment(10, 2, inputs.preprocess, seed=7)
-    first = ours(image)
-    python_random.seed(7)
-    np.random.seed(7)
-    from torchvision.transforms import v2
+    image = v2.functional.to_pil_image(inputs.train.decoded.images[0])
 
-    expected = v2.functional.pil_to_tensor(reference(v2.functional.to_pil_image(image)))
-    assert torch.equal(first, expected), "the same draws give the same image as timm's own transform"
-    clipped = paper_randaugment(20, 2, inputs.preprocess, seed=7)(image)
-    assert torch.equal(clipped, expected), "M > 10 is clipped to 10, as in the paper's sweep"
-    assert paper_randaugment(5, 0, inputs.preprocess, seed=7) is None
+    def drawn(augment):
+        python_random.seed(7)
+        np.random.seed(7)
+        return v2.functional.pil_to_tensor(augment(image))
+
+    expected = drawn(reference)
+    assert torch.equal(drawn(transform), expected), "the same draws give the same image as timm's own transform"
+    assert torch.equal(drawn(randaugment_transform(20, 2, inputs.preprocess)), expected), "M > 10 is clipped to 10"
+    assert train_transform(inputs.preprocess, TrainConfig()) is None, "no augmentation: decode as for evaluation"
+    assert isinstance(train_transform(inputs.preprocess, TrainConfig(randaugment_n=2)).transforms[1], RandAugment)

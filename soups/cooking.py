@@ -19,7 +19,7 @@ from soups.checkpoint import Ingredient, load_state_dict, save_state_dict
 from soups.config import PipelineConfig, RecipeChoice
 from soups.data import DatasetBundle, load_dataset
 from soups.evaluate import Evaluator, evaluation_splits
-from soups.images import ImageTensors, Preprocess, cached_or_streamed
+from soups.images import ImageSplit, ImageTensors, Preprocess, cached_or_streamed
 from soups.models import empty_classifier
 from soups.pretrain import has_start
 from soups.recipes import Dish, FitSet, RecipeInputs, cook
@@ -115,6 +115,8 @@ def prepare_cooking(config: PipelineConfig, workdir: Path) -> CookingSetup:
         device=str(device),
         heldout_logits=evaluator.logits,
         heldout_labels=evaluator.labels(),
+        train_images=_train_images(config, bundle, preprocess),
+        normalize=preprocess.normalize,
     )
     return CookingSetup(evaluator, inputs, ClassifierSpec(config.model.name, list(bundle.classnames), preprocess))
 
@@ -130,6 +132,14 @@ def split_heldout(data: ImageTensors, fit_fraction: float, seed: int) -> tuple[I
     """The held-out split cut into the learned soups' fitting part and the scoring part."""
     fit, score = heldout_partition(len(data), fit_fraction, seed)
     return data.subset(fit), data.subset(score)
+
+
+def _train_images(config: PipelineConfig, bundle: DatasetBundle, preprocess: Preprocess) -> ImageSplit | None:
+    """The train split, only for recipes that read it (the linear probe): decoded if it fits, else streamed."""
+    if "linear_probe" not in config.kitchen.recipe_names():
+        return None
+    split = cached_or_streamed([("train", bundle.train)], preprocess, config.eval.cache_bytes, config.eval.workers)
+    return split["train"]
 
 
 def _class_subsets(bundle: DatasetBundle) -> dict[str, list[int]]:

@@ -19,6 +19,7 @@ PAPER_ROWS = (
     "ensemble",
     "greedy_ensemble",
     "zero_shot",
+    "linear_probe",
 )
 """The rows of the paper's Table 1 (ViT-B/32 on ImageNet), in its order; the best WiSE-FT α follows."""
 

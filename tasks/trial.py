@@ -29,6 +29,9 @@ from tasks.adapters.tracking import (
     tracked_run,
 )
 
+EPOCH_METRICS = ("train_loss", "heldout_accuracy", "heldout_loss")
+"""Logged after every epoch, at step = epoch."""
+
 
 class TrialRef(BaseModel):
     """Where a trial lives and where its outputs go."""
@@ -88,7 +91,8 @@ def _train_and_register(
     )
     train_seconds = time.perf_counter() - train_started
     for key, value in result.metrics.items():
-        client.log_metric(run_id, key, value)
+        if key not in EPOCH_METRICS:  # those are curves already, ending at the last epoch: no step-0 repeat
+            client.log_metric(run_id, key, value, step=finetune_config.train.epochs)
     client.log_artifact(run_id, str(checkpoint), "checkpoint")
     digest = sha256_of(checkpoint)
     if not still_running(trial):
@@ -120,7 +124,7 @@ def _epoch_reporter(client, run_id: str, trial, ref: TrialRef, config: PipelineC
     """Per-epoch metrics to MLflow and Optuna, progress to the log, and pruning when enabled."""
 
     def report(epoch: EpochReport) -> None:
-        for key in ("train_loss", "heldout_accuracy", "heldout_loss"):
+        for key in EPOCH_METRICS:
             client.log_metric(run_id, key, getattr(epoch, key), step=epoch.epoch)
         trial.report(epoch.heldout_accuracy, epoch.epoch)
         print(f"trial {ref.number}: epoch {epoch.epoch}/{epochs} held-out accuracy {epoch.heldout_accuracy:.3f}")

@@ -8,6 +8,7 @@ the round-trip test pays for the real ViT-B-32 key names and shapes.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import re
@@ -353,3 +354,32 @@ def test_cli_help_loads_neither_torch_nor_mlflow():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_kitchen_cooks_imported_fine_tunes_where_no_sweep_or_pretraining_ran(prefect_server, tmp_path):
+    from safetensors.torch import save_file
+
+    from flows.kitchen import kitchen_flow
+    from tasks.adapters.tracking import client_for
+    from tasks.importing import import_checkpoints
+
+    start = _clip(TINY, 0)  # one start, three heads: fine-tunes of one model made elsewhere
+    files = []
+    for seed in range(3):
+        path = tmp_path / f"elsewhere-{seed}.safetensors"
+        save_file(_classifier_layout(start, _head(TINY, 10, seed)), str(path))
+        files.append(path)
+    settings = {
+        "experiment": "elsewhere",
+        "tracking.root": str(tmp_path / "root"),
+        "kitchen.recipes": ["best", "uniform", "greedy", "wise_ft"],
+        "kitchen.bootstrap": 0,
+    }
+    config = load_config(None, settings)  # digits, model.pretrained null, a pretrain section never run
+    assert import_checkpoints(config, files, "open_clip") == ["1", "2", "3"]
+    result = kitchen_flow(config)
+    recipes = {row["recipe"] for row in result["leaderboard"]}
+    assert {"ingredient", "best", "uniform", "greedy"} <= recipes and "wise_ft" not in recipes
+    tags = client_for(config.tracking).get_run(result["run_id"]).data.tags
+    assert json.loads(tags["skipped_recipes"]) == {"wise_ft": "needs base"}, "skipped with a note, not a crash"
+    assert result["promotion"]["outcome"] == "champion (first)"

@@ -70,3 +70,17 @@ def test_without_a_start_the_kitchen_scores_with_the_architecture_and_lacks_only
     assert setup.recipe_inputs.base is None
     assert setup.recipe_inputs.missing(get_recipe("wise_ft").needs) == ["base"]
     assert setup.recipe_inputs.missing(get_recipe("uniform").needs + get_recipe("greedy").needs) == []
+
+
+def test_the_linear_probe_freezes_the_start_and_picks_its_weight_decay_on_heldout(kitchen, tmp_path):
+    setup, pool = kitchen
+    (probe,) = cook_and_score(setup, RecipeChoice(name="linear_probe", options={"steps": 100}), pool, tmp_path)
+    (zero_shot,) = cook_and_score(setup, RecipeChoice(name="zero_shot"), pool, tmp_path)
+    start, weights = load_state_dict(setup.recipe_inputs.base), load_state_dict(probe.checkpoint)
+    assert all(torch.equal(weights[k], start[k]) for k in start if k.startswith("visual.")), "the tower is frozen"
+    assert not torch.equal(weights["head.weight"], start["head.weight"])
+    curve = probe.details["curve"]
+    assert [point["weight_decay"] for point in curve] == [0.0, 1e-4, 1e-3, 1e-2, 1e-1]
+    assert probe.details["weight_decay"] == max(curve, key=lambda point: point["heldout"])["weight_decay"]
+    assert probe.details["train_images"] == len(setup.recipe_inputs.train_images)
+    assert probe.scores["heldout"] > zero_shot.scores["heldout"], "a trained head beats a random start's text head"

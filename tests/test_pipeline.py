@@ -77,6 +77,9 @@ def test_every_finished_trial_is_one_registered_ingredient(first_run):
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     run = _client(config).get_run(finished[0]["run_id"])
     assert run.data.params["train.lr"] and "heldout_accuracy" in run.data.metrics
+    history = _client(config).get_metric_history(run.info.run_id, "heldout_accuracy")
+    epochs = int(run.data.params["train.epochs"])
+    assert sorted(m.step for m in history) == list(range(1, epochs + 1)), "one point per epoch, no step-0 repeat"
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == "digits-train"
     assert run.data.tags["mlflow.parentRunId"] == result["sweep"]["parent_run_id"]
 

@@ -19,6 +19,7 @@ from soups.recipes import (
     ensemble,
     greedy,
     learned,
+    linear_probe,
     model_stock,
     slerp,
     task_arithmetic,
@@ -39,6 +40,7 @@ RECIPES: dict[str, Recipe] = {
         ensemble.RECIPE,
         ensemble.GREEDY_RECIPE,
         wise_ft.ZERO_SHOT,
+        linear_probe.RECIPE,
         wise_ft.RECIPE,
         task_arithmetic.RECIPE,
         ties.RECIPE,
@@ -49,13 +51,23 @@ RECIPES: dict[str, Recipe] = {
 }
 """Every recipe, in the order the kitchen cooks them by default."""
 
+_LAMBDAS = [0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
+_DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
+    "task_arithmetic": {"lambda": _LAMBDAS},
+    "dare": {"lambda": _LAMBDAS},
+    "ties": {"density": [0.1, 0.2, 0.5], "lambda": [0.5, 1.0, 1.5]},
+}
+"""The task-vector recipes' scale depends on how many ingredients there are and how far they moved (the right
+λ for 16 fine-tunes of one task is near 1/16, for one task vector each of several tasks near 0.3): so by
+default the kitchen tunes it on the held-out scoring split, as Ilharco et al. and Yadav et al. did."""
+
 DEFAULT_KITCHEN: list[dict[str, Any]] = [
-    *({"name": name} for name in RECIPES),
+    *({"name": name, "grid": _DEFAULT_GRIDS.get(name, {})} for name in RECIPES),
     {"name": "greedy", "label": "greedy_ties", "options": {"combine": "ties"}},
     {"name": "greedy", "label": "greedy_task_arithmetic", "options": {"combine": "task_arithmetic"}},
 ]
-"""What the kitchen cooks when the config names nothing: every recipe with its defaults, plus greedy soups whose
-candidates are built by TIES and by task arithmetic."""
+"""What the kitchen cooks when the config names nothing: every recipe with its defaults (the task-vector ones
+tuned over a grid), plus greedy soups whose candidates are built by TIES and by task arithmetic."""
 
 
 def get_recipe(name: str) -> Recipe:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from soups.checkpoint import Ingredient, StateDict
+from soups.images import ImageSplit
 
 Evaluate = Callable[[StateDict], float]
 """Scores a state dict on the held-out scoring split (higher is better), e.g. top-1 accuracy."""
@@ -56,6 +57,10 @@ class RecipeInputs:
     heldout_logits: Callable[[StateDict], torch.Tensor] | None = None
     """Logits of a state dict on the held-out scoring split (what the greedy ensemble combines)."""
     heldout_labels: torch.Tensor | None = None
+    train_images: ImageSplit | None = None
+    """The train split as uint8 batches (the linear probe's features come from it)."""
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """uint8 batch on the device -> model input."""
 
     def missing(self, parts: Sequence[str]) -> list[str]:
         return [p for p in parts if getattr(self, p) is None]

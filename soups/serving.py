@@ -56,8 +56,10 @@ def load_packaged(weights: Path, spec_path: Path, device: str = "cpu") -> tuple[
 def predict_proba(classifier: ClipClassifier, spec: ClassifierSpec, images: np.ndarray) -> np.ndarray:
     """Class probabilities for a batch of uint8 RGB images [B, H, W, 3] at the model's resolution."""
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images shaped [batch, height, width, 3], got {images.shape}")
-    batch = torch.as_tensor(np.ascontiguousarray(images, dtype=np.uint8)).permute(0, 3, 1, 2)
+        raise ValueError(f"expected uint8 images shaped [batch, height, width, 3], got shape {images.shape}")
+    if images.dtype != np.uint8:  # a silent cast would turn 0..1 floats into black images and a confident answer
+        raise ValueError(f"expected uint8 pixels 0..255, got {images.dtype}; use (x * 255).round().astype('uint8')")
+    batch = torch.as_tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     batch = spec.preprocess.resize()(batch)
     device = next(classifier.parameters()).device
     logits = classifier(spec.preprocess.normalize(batch.to(device)))

@@ -211,3 +211,20 @@ def test_full_clip_file_and_local_dir_give_the_same_classifier(
         build_classifier(SMALL, f"local-dir:{tmp_path}", CLASSES, TEMPLATES)
     with pytest.raises(CheckpointMismatchError, match=SMALL):
         build_classifier(SMALL, str(path), CLASSES, TEMPLATES)
+
+
+def test_the_packaged_classifier_refuses_float_pixels_and_wrong_shapes(tmp_path: Path) -> None:
+    import numpy as np
+
+    from soups.images import Preprocess
+    from soups.models import empty_classifier
+    from soups.serving import ClassifierSpec, predict_proba
+
+    classifier = empty_classifier("soups-vit-tiny", 3)
+    spec = ClassifierSpec("soups-vit-tiny", ["a", "b", "c"], Preprocess.of(classifier))
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert predict_proba(classifier, spec, pixels).shape == (2, 3)
+    with pytest.raises(ValueError, match="expected uint8 pixels 0..255, got float32"):
+        predict_proba(classifier, spec, pixels.astype(np.float32) / 255)
+    with pytest.raises(ValueError, match="got shape"):
+        predict_proba(classifier, spec, pixels[..., :1])

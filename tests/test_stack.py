@@ -1,0 +1,209 @@
+"""`soups stack`: real PostgreSQL, mlflow server, Prefect server and a worker on 127.0.0.1, started and stopped
+by these tests (the module fixture takes the stack down even when a test fails)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cli.main import main
+from deployments.stack import ENV_FILE, PASSWORD_VARIABLE, database_password, down, is_running, recorded
+
+PLANTED = f"planted-secret-{secrets.token_hex(8)}"
+
+
+def _soups_stack(*argv: str) -> int:
+    """``soups stack ...`` through the real command line (errors are one line on stderr, exit code 2)."""
+    return main(["stack", *argv])
+
+
+def _stack_folder() -> Path:
+    """A folder PostgreSQL can reach: run as root, it runs as the `postgres` user, and pytest's own temporary
+    folders are private to root."""
+    root = Path(tempfile.mkdtemp(prefix="soups-stack-"))
+    root.chmod(0o755)
+    return root
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain ``text`` (each server names its folder in its arguments)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if text in cmdline and state != "Z" and entry.name != str(os.getpid()):
+            found.append(cmdline)
+    return found
+
+
+def _get(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status
+
+
+@pytest.fixture(scope="module")
+def stack():
+    root = _stack_folder() / "stack"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(PASSWORD_VARIABLE, PLANTED)
+        try:
+            started = time.perf_counter()
+            assert _soups_stack("up", "--root", str(root), "--workers", "1") == 0
+            print(f"soups stack up --workers 1: {time.perf_counter() - started:.1f}s")
+            yield root
+        finally:
+            down(root)
+            shutil.rmtree(root.parent)
+
+
+def _service(root: Path, name: str):
+    return next(service for service in recorded(root) if service.name == name)
+
+
+def test_every_service_answers(stack, monkeypatch):
+    import optuna
+    import psycopg2
+    from mlflow import MlflowClient
+
+    from soups.config import load_config
+
+    config = load_config(stack / "stack.yaml")
+    tracking = config.tracking
+    assert tracking.root == stack / "data"
+
+    # PostgreSQL takes the password from libpq's environment variable (the URLs carry none) and only it.
+    monkeypatch.setenv("PGPASSWORD", PLANTED)
+    port = int(_service(stack, "postgres").address.rsplit(":", 1)[1])
+    psycopg2.connect(host="127.0.0.1", port=port, user="soups", dbname="optuna").close()
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        psycopg2.connect(host="127.0.0.1", port=port, user="soups", dbname="optuna", password="wrong")
+    study = optuna.create_study(study_name="stack-check", storage=tracking.optuna_storage)
+    assert study.study_name == "stack-check"
+
+    # MLflow: artifacts go through the server into DIR/artifacts, not to a path the client writes itself.
+    assert _get(f"{tracking.mlflow_uri}/health") == 200
+    client = MlflowClient(tracking_uri=tracking.mlflow_uri)
+    run = client.create_run(client.create_experiment("stack-check"))
+    client.log_text(run.info.run_id, "served", "note.txt")
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert [path.read_text() for path in (stack / "artifacts").rglob("note.txt")] == ["served"]
+
+    # Prefect: the server, the process work pool and a live worker registered with it.
+    api = _service(stack, "prefect-server").address
+    assert _get(f"{api}/health") == 200
+    with urllib.request.urlopen(f"{api}/work_pools/soups", timeout=10) as response:
+        assert b'"type":"process"' in response.read().replace(b" ", b"")
+    worker = _service(stack, "worker-1")
+    assert is_running(worker)
+
+
+def test_files_and_status(stack, capsys):
+    env_file = stack / ENV_FILE
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    sourced = subprocess.run(
+        ["bash", "-c", f'. {env_file} && printf %s "$PGPASSWORD $PREFECT_API_URL"'],
+        capture_output=True,
+        text=True,
+        env={**os.environ, PASSWORD_VARIABLE: PLANTED},
+        check=True,
+    ).stdout
+    assert sourced == f"{PLANTED} {_service(stack, 'prefect-server').address}"
+    assert PLANTED not in (stack / "stack.yaml").read_text() + (stack / "stack.json").read_text()
+
+    capsys.readouterr()
+    assert _soups_stack("status", "--root", str(stack)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all(" running " in line for line in lines), lines
+
+    assert _soups_stack("up", "--root", str(stack)) == 2
+    assert "already running" in capsys.readouterr().err
+
+
+def test_down_stops_every_process_and_keeps_the_data(stack, capsys):
+    services = recorded(stack)
+    assert _soups_stack("down", "--root", str(stack)) == 0
+    assert not any(is_running(service) for service in services)
+    assert _processes_mentioning(str(stack)) == []
+    for service in services[:3]:
+        port = int(service.address.split(":")[-1].split("/")[0])
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))
+    assert not (stack / "stack.json").exists()
+    assert (stack / "postgres" / "PG_VERSION").exists() and any((stack / "artifacts").rglob("note.txt"))
+
+    capsys.readouterr()
+    assert _soups_stack("down", "--root", str(stack)) == 0
+    assert "nothing to stop" in capsys.readouterr().out
+
+    # The password went to the services through their environment only: no log, record or config has it.
+    leaks = [path for path in stack.rglob("*") if path.is_file() and PLANTED.encode() in path.read_bytes()]
+    assert leaks == []
+
+
+@pytest.mark.parametrize("failure", ["port taken", "server exits"])
+def test_up_that_fails_names_the_service_and_leaves_nothing_running(failure, monkeypatch, capsys):
+    """PostgreSQL and MLflow are running when the Prefect server fails: both are stopped again."""
+    monkeypatch.delenv(PASSWORD_VARIABLE, raising=False)
+    root = _stack_folder() / "stack"
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        if failure == "server exits":
+            monkeypatch.setenv("PREFECT_SERVER_API_KEEPALIVE_TIMEOUT", "not-a-number")
+            taken.close()
+        assert _soups_stack("up", "--root", str(root), "--workers", "0", "--prefect-port", str(port)) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and "prefect-server" in error, error
+        expected = f"cannot listen on 127.0.0.1:{port}" if failure == "port taken" else "prefect-server.log"
+        assert expected in error, error
+        assert _processes_mentioning(str(root)) == []
+        assert not (root / "stack.json").exists()
+        # The generated password is kept for the next `up` of this database, and only in stack.env.
+        assert stat.S_IMODE((root / ENV_FILE).stat().st_mode) == 0o600
+        password, generated = database_password(root)
+        assert generated and password in (root / ENV_FILE).read_text()
+    finally:
+        taken.close()
+        down(root)
+        shutil.rmtree(root.parent)
+
+
+def test_a_wrong_password_is_refused_and_the_generated_one_kept(monkeypatch, capsys):
+    monkeypatch.delenv(PASSWORD_VARIABLE, raising=False)
+    root = _stack_folder() / "stack"
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert _soups_stack("up", "--root", str(root), "--workers", "0", "--postgres-port", port) == 2
+        assert f"postgres: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+        generated = (root / ENV_FILE).read_text()  # initdb ran: its generated password is kept
+
+        monkeypatch.setenv(PASSWORD_VARIABLE, "not-the-password")
+        assert _soups_stack("up", "--root", str(root), "--workers", "0") == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("soups stack: error: postgres: cannot connect as soups") and "\n" not in error
+        assert "password authentication failed" in error and "not-the-password" not in error
+        assert (root / ENV_FILE).read_text() == generated
+        assert _processes_mentioning(str(root)) == []
+    finally:
+        taken.close()
+        down(root)
+        shutil.rmtree(root.parent)

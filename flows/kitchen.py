@@ -30,7 +30,7 @@ def kitchen_flow(config: PipelineConfig) -> dict:
     tags = {"kind": "kitchen", "study": config.study_name}
     with tracked_run(client, experiment_id, f"kitchen-{config.study_name}", tags) as run_id:
         workdir = (config.tracking.root / "kitchen" / run_id).resolve()
-        refs = gather_ingredients(config, workdir / "ingredients")
+        refs = gather_ingredients(config, workdir / "ingredients", run_id)
         client.log_param(run_id, "ingredient_versions", ",".join(r.version for r in refs))
         setup = prepare_cooking(config, workdir)
         candidates = score_ingredients_task(setup, refs)

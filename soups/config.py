@@ -208,6 +208,12 @@ class SweepConfig(_Section):
     seed: int = 0
     pruning: bool = Field(False, description="Median pruning on per-epoch held-out accuracy.")
     study_name: str | None = Field(None, description="Defaults to the experiment name.")
+    heartbeat_seconds: int = Field(
+        60,
+        ge=1,
+        description="Running trials record a heartbeat this often (RDB storages); the next sweep fails a trial "
+        "whose process died once it has had none for twice this, with its MLflow run.",
+    )
 
 
 def _default_recipes() -> list[RecipeChoice]:
@@ -365,6 +371,32 @@ class PipelineConfig(_Section):
                 f"space names {unknown}, which are not training settings; allowed: "
                 f"{', '.join(TrainConfig.model_fields)}"
             )
+        # Every value the sampler can draw must be a valid training setting, or every trial fails at its start.
+        from pydantic import ValidationError
+
+        problems = []
+        for name, dist in self.space.items():
+            field = TrainConfig.model_fields[name]
+            if dist.kind in ("uniform", "loguniform") and field.annotation in (int, int | None):
+                problems.append(f"space.{name}: train.{name} is an integer; use kind int, not {dist.kind}")
+                continue
+            if dist.kind == "categorical":
+                values = [(f"choice {choice!r}", choice) for choice in dist.choices]
+            else:
+                cast = int if dist.kind == "int" else float
+                values = [
+                    (f"{side} {cast(bound)!r}", cast(bound)) for side, bound in (("low", dist.low), ("high", dist.high))
+                ]
+            if dist.or_zero:
+                values.append(("or_zero's 0", 0 if dist.kind == "int" else 0.0))
+            for what, value in values:
+                try:
+                    TrainConfig.model_validate({name: value})
+                except ValidationError as err:
+                    limits = "; ".join(e["msg"] for e in err.errors() if tuple(e["loc"][:1]) in ((name,), ()))
+                    problems.append(f"space.{name}: {what} is not a valid train.{name} ({limits or err})")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -194,6 +195,11 @@ def _from_file(model_name: str, pretrained: str, device: str) -> tuple[nn.Module
         raise FileNotFoundError(f"pretrained checkpoint {path} does not exist (model.pretrained={pretrained!r})")
     try:
         return open_clip.create_model_and_transforms(model_name, pretrained=str(path), device=device)
+    except pickle.UnpicklingError:  # torch's own message advises weights_only=False, which would run the file's code
+        raise CheckpointMismatchError(
+            f"{path} is a pickle that needs code to load, which is never run here; convert it to safetensors "
+            "(or a plain state dict) where you trust it, then point model.pretrained at that file"
+        ) from None
     except (RuntimeError, AssertionError, ValueError) as err:  # open_clip asserts on some shape mismatches
         detail = " ".join(str(err).split()) or type(err).__name__
         detail = detail if len(detail) <= _DETAIL_CHARS else detail[:_DETAIL_CHARS] + " ..."

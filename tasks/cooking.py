@@ -51,32 +51,62 @@ class ChecksumMismatchError(RuntimeError):
 
 
 @task(name="gather-ingredients")
-def gather_ingredients(config: PipelineConfig, into: Path) -> list[IngredientRef]:
-    """Every registered version of the study (or the configured versions), downloaded and checksummed."""
+def gather_ingredients(config: PipelineConfig, into: Path, run_id: str | None = None) -> list[IngredientRef]:
+    """Every registered version of the study (or the configured versions), downloaded and checksummed.
+
+    A bad ingredient is skipped, not fatal: a version whose run did not finish (its process died between
+    registering and finishing), whose checkpoint cannot be fetched, or whose copy fails its checksum. Each is
+    printed with its reason and, given the kitchen's ``run_id``, recorded on that run as the
+    ``skipped_ingredients`` tag (JSON: version -> reason). Fails when fewer than two usable ones remain of a
+    pool that lost some, or when none is usable."""
+    from mlflow.exceptions import MlflowException
+
     client = client_for(config.tracking)
-    versions = client.search_model_versions(f"name='{ingredients_model_name(config)}'")
+    model = ingredients_model_name(config)
+    versions = client.search_model_versions(f"name='{model}'")
     wanted = config.kitchen.ingredient_versions
     if wanted:
         chosen = [v for v in versions if int(v.version) in set(wanted)]
         missing = sorted(set(wanted) - {int(v.version) for v in chosen})
         if missing:
-            raise ValueError(f"ingredient versions {missing} are not in {ingredients_model_name(config)}")
+            raise ValueError(f"ingredient versions {missing} are not in {model}")
     else:
         chosen = [v for v in versions if v.tags.get("study") == config.study_name]
     if not chosen:
         raise ValueError(f"no ingredients registered for study {config.study_name!r}; run the sweep first")
-    refs = []
+    refs: list[IngredientRef] = []
+    skipped: dict[str, str] = {}  # version -> why it is not cooked
     for version in sorted(chosen, key=lambda v: int(v.version)):
-        path = local_artifact(
-            client, version.run_id, f"checkpoint/{version.tags['checkpoint']}", into / str(version.version)
+        number = str(version.version)
+        try:
+            run = client.get_run(version.run_id)
+            if run.info.status != "FINISHED":
+                why = run.data.tags.get("failure_reason") or "its process died before the run finished"
+                skipped[number] = f"its run {version.run_id} is {run.info.status}, not FINISHED ({why})"
+            else:
+                path = local_artifact(client, version.run_id, f"checkpoint/{version.tags['checkpoint']}", into / number)
+                digest = sha256_of(path)
+                if digest == version.tags["sha256"]:
+                    refs.append(IngredientRef(version=number, run_id=version.run_id, checkpoint=path))
+                else:
+                    skipped[number] = (
+                        f"{ChecksumMismatchError.__name__}: {path} has sha256 {digest}, registered "
+                        f"{version.tags['sha256']}; the artifact store copy is damaged, re-run that trial"
+                    )
+        except (MlflowException, OSError, KeyError) as err:
+            skipped[number] = f"its checkpoint cannot be fetched: {type(err).__name__}: {' '.join(str(err).split())}"
+        if number in skipped:
+            skipped[number] = skipped[number][:1000]
+            print(f"skipping ingredient version {number}: {skipped[number]}")
+    if skipped and run_id is not None:
+        client.set_tag(run_id, "skipped_ingredients", json.dumps(skipped)[:5000])
+    if not refs or (skipped and len(refs) < 2):
+        kept = ", ".join(r.version for r in refs) or "none"
+        reasons = "; ".join(f"version {v}: {why}" for v, why in skipped.items())
+        raise ValueError(
+            f"only {len(refs)} usable ingredient(s) of study {config.study_name!r} (versions: {kept}), and a soup "
+            f"needs two; skipped {reasons}. Re-run the sweep to register good ones"
         )
-        digest = sha256_of(path)
-        if digest != version.tags["sha256"]:
-            raise ChecksumMismatchError(
-                f"{path} (ingredient version {version.version}) has sha256 {digest}, registered "
-                f"{version.tags['sha256']}; the artifact store copy is damaged, re-run that trial"
-            )
-        refs.append(IngredientRef(version=str(version.version), run_id=version.run_id, checkpoint=path))
     print(f"gathered {len(refs)} ingredients: versions {', '.join(r.version for r in refs)}")
     return refs
 

@@ -76,11 +76,12 @@ def _train_and_register(
 ) -> TrialOutcome:
     from soups.train import finetune
 
+    trial = open_trial(ref.storage, ref.study_name, ref.trial_id, config.sweep.pruning)
+    trial.set_user_attr("mlflow_run_id", run_id)  # so the next sweep can close this run if the process dies
     finetune_config = config.finetune_config(params)
     flat = {**flat_params(finetune_config.model_dump(mode="json")), **flat_params(params, "sampled.")}
     log_params(client, run_id, flat)
     _log_dataset(client, run_id, config, inputs)
-    trial = open_trial(ref.storage, ref.study_name, ref.trial_id, config.sweep.pruning)
     checkpoint = ref.checkpoint_dir / f"{ref.study_name}-trial-{ref.number}.safetensors"
     train_started = time.perf_counter()
     result = finetune(

@@ -228,3 +228,15 @@ def test_the_packaged_classifier_refuses_float_pixels_and_wrong_shapes(tmp_path:
         predict_proba(classifier, spec, pixels.astype(np.float32) / 255)
     with pytest.raises(ValueError, match="got shape"):
         predict_proba(classifier, spec, pixels[..., :1])
+
+
+def test_a_pretrained_pickle_that_needs_code_is_refused_without_advice_to_unpickle_it(tmp_path: Path) -> None:
+    import argparse
+
+    from soups.models import create_clip
+
+    path = tmp_path / "needs-code.pt"
+    torch.save({"state_dict": argparse.Namespace(weights=1)}, path)
+    with pytest.raises(models.CheckpointMismatchError) as caught:
+        create_clip("soups-vit-tiny", str(path))
+    assert "never run here" in str(caught.value) and "weights_only=False" not in str(caught.value)

@@ -21,21 +21,176 @@ _TAG_LIMIT = 5000
 
 
 def client_for(tracking: TrackingConfig) -> MlflowClient:
-    uri = tracking.resolved_mlflow_uri()
+    uri = with_installed_driver(tracking.resolved_mlflow_uri())
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def with_installed_driver(uri: str) -> str:
+    """SQLAlchemy 2.1 reads postgresql:// as psycopg 3; the project installs psycopg2-binary, so a bare
+    postgresql:// URL uses psycopg2 when psycopg is absent (an explicit postgresql+driver:// is kept)."""
+    import importlib.util
+
+    bare = uri.startswith("postgresql://")
+    if bare and importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + uri.removeprefix("postgresql://")
+    return uri
 
 
 def ingredients_model_name(config: PipelineConfig) -> str:
     return f"{config.experiment}-ingredients"
 
 
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow store cannot be used (server unreachable, missing driver, database of another MLflow
+    version); the message says what and how to fix it, in one line."""
+
+
+@contextmanager
+def stores_lock(tracking: TrackingConfig, timeout: float = 600) -> Iterator[None]:
+    """Held while the MLflow and Optuna stores (and the experiment, models and study) are first created, so
+    processes started together on a fresh data root never race in the schema migrations. An OS file lock:
+    released when its holder dies."""
+    from filelock import FileLock, Timeout
+
+    tracking.root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(tracking.root / ".stores.lock"))
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise TrackingUnavailableError(
+            f"another soups process has held {lock.lock_file} for over {timeout:.0f}s while creating the stores; "
+            "wait for it to finish, or stop it"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def check_reachable(tracking: TrackingConfig, timeout: float = 5.0) -> None:
+    """Fail at once, in one line, when the tracking URI is an MLflow server nobody answers at (instead of
+    MLflow's minutes of retries on every call)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    uri = tracking.resolved_mlflow_uri()
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise TrackingUnavailableError(
+            f"the MLflow server at {parts.scheme}://{parts.hostname}:{port} (tracking.mlflow_uri) is unreachable "
+            f"({reason} within {timeout:.0f}s); start it (mlflow server --host {parts.hostname} --port {port} ...) "
+            "or point tracking.mlflow_uri at a running one (null: a local sqlite store under tracking.root)"
+        ) from None
+
+
+def _shown_uri(uri: str) -> str:
+    """A database URI without its password."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(uri).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for a message
+        return uri.split("@")[-1]
+
+
+def _other_version(uri: str, detail: str) -> TrackingUnavailableError:
+    import mlflow
+
+    return TrackingUnavailableError(
+        f"the MLflow database at {_shown_uri(uri)} was made by another MLflow version ({detail}; this is MLflow "
+        f"{mlflow.__version__}): back it up and run `mlflow db upgrade {_shown_uri(uri)}` if it is older, use the "
+        "MLflow version that made it, or give tracking.root a fresh folder"
+    )
+
+
+def check_schema(uri: str) -> None:
+    """An existing MLflow database must carry this MLflow's schema revision: an older or newer one fails
+    later with alembic's "Can't locate revision" or "Online migration expected" (or SQL errors mid-run)."""
+    if "://" not in uri or uri.split(":", 1)[0] in ("http", "https", "databricks", "file"):
+        return
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return
+    import sqlalchemy
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config, _get_latest_schema_revision
+
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        with engine.connect() as connection:
+            if "alembic_version" not in sqlalchemy.inspect(connection).get_table_names():
+                return  # empty (or not yet migrated): MLflow creates the tables under stores_lock
+            found = MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()
+    expected = _get_latest_schema_revision()
+    if found is None or found == expected:
+        return
+    known = {script.revision for script in ScriptDirectory.from_config(_get_alembic_config("")).walk_revisions()}
+    age = "an older schema" if found in known else "a schema this MLflow does not know, so a newer MLflow"
+    raise _other_version(uri, f"revision {found}, {age}; expected {expected}")
+
+
+# Database drivers SQLAlchemy imports for a URL scheme -> what to install (postgresql:// means psycopg 3 on
+# SQLAlchemy 2.1; postgresql+psycopg2:// asks for psycopg2).
+DRIVER_PACKAGES = {
+    "psycopg2": "psycopg2-binary",
+    "psycopg": "psycopg[binary] (or psycopg2-binary with a postgresql+psycopg2:// URL)",
+    "pymysql": "PyMySQL",
+    "MySQLdb": "mysqlclient",
+    "pymssql": "pymssql",
+    "asyncpg": "asyncpg",
+}
+_MIGRATION_MESSAGES = ("Can't locate revision", "Online migration expected", "out-of-date database schema")
+
+
 def ensure_experiment(config: PipelineConfig) -> str:
-    """Create (or find) the experiment and both registered models; returns the experiment id."""
+    """Create (or find) the experiment and both registered models; returns the experiment id. Checks the
+    store first (a server that answers; a database of this MLflow's schema) and creates it under the data
+    root's lock, so a problem is one line and concurrent first runs never race in the migrations."""
     config.tracking.root.mkdir(parents=True, exist_ok=True)
+    check_reachable(config.tracking)
+    uri = with_installed_driver(config.tracking.resolved_mlflow_uri())
+    with stores_lock(config.tracking):
+        try:
+            check_schema(uri)
+            return _ensure_experiment(config)
+        except ImportError as err:
+            if err.name not in DRIVER_PACKAGES:
+                raise
+            raise TrackingUnavailableError(
+                f"the MLflow store {_shown_uri(uri)} needs the {err.name} database driver, which is not installed: "
+                f"install {DRIVER_PACKAGES[err.name]}, or leave tracking.mlflow_uri null for a local sqlite store"
+            ) from None
+        except Exception as err:
+            import sqlalchemy.exc
+
+            text = " ".join(str(err).split())
+            if any(message in text for message in _MIGRATION_MESSAGES):
+                raise _other_version(uri, text[:300]) from None
+            if isinstance(err, sqlalchemy.exc.OperationalError):
+                raise TrackingUnavailableError(
+                    f"cannot open the MLflow database {_shown_uri(uri)}: {' '.join(str(err.orig or err).split())[:300]}"
+                    "; start that database or fix tracking.mlflow_uri"
+                ) from None
+            raise
+
+
+def _ensure_experiment(config: PipelineConfig) -> str:
     client = client_for(config.tracking)
     experiment = client.get_experiment_by_name(config.experiment)
     if experiment is None:
-        experiment_id = client.create_experiment(config.experiment, artifact_location=config.tracking.artifact_root())
+        # A tracking server keeps artifacts where it serves them from (workers on other machines upload through
+        # it); only a local store gets the data root's artifacts folder.
+        served = config.tracking.resolved_mlflow_uri().startswith(("http://", "https://"))
+        location = None if served else config.tracking.artifact_root()
+        experiment_id = client.create_experiment(config.experiment, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
     for name in (ingredients_model_name(config), config.experiment):
@@ -44,6 +199,12 @@ def ensure_experiment(config: PipelineConfig) -> str:
         except MlflowException:
             client.create_registered_model(name, tags={"experiment": config.experiment})
     return experiment_id
+
+
+def fail_run(client: MlflowClient, run_id: str, reason: str) -> None:
+    """Close a run some dead process left RUNNING: FAILED, with the reason as its ``failure_reason`` tag."""
+    client.set_tag(run_id, "failure_reason", reason[:_TAG_LIMIT])
+    client.set_terminated(run_id, "FAILED")
 
 
 def flat_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -54,10 +54,10 @@ def add_import_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def import_command(args: argparse.Namespace) -> None:
     # Imported here, not at the top: cli.main imports this module to register the command.
-    from cli.main import UsageError, _config_from
+    from cli.common import UsageError, config_from
 
     names = [f"experiment={json.dumps(args.experiment)}", f"model.name={json.dumps(args.model)}"]
-    config = _config_from(argparse.Namespace(config=args.config, set=[*(args.set or []), *names]))
+    config = config_from(argparse.Namespace(config=args.config, set=[*(args.set or []), *names]))
     from tasks.adapters.tracking import ingredients_model_name
     from tasks.importing import import_checkpoints
 

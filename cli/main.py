@@ -9,16 +9,14 @@ import os
 import pickle
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cli.common import UsageError, config_from
 from cli.import_command import add_import_parser
+from cli.prefect_runtime import prepare_environment, quiet_tracebacks, start_temporary_server
+from cli.preflight import check_pretrained, check_stores, unsafe_checkpoint
 from cli.stack_command import add_stack_parser
-
-
-class UsageError(Exception):
-    """A problem the user can fix; printed as one line without a traceback."""
 
 
 def cook_command(args: argparse.Namespace) -> None:
@@ -59,40 +57,8 @@ def cook_command(args: argparse.Namespace) -> None:
         print(f"{dish.name} of {len(ingredients)} ingredients written to {path}")
 
 
-def _config_from(args: argparse.Namespace):
-    """The one validated config: YAML file (or embedded defaults) plus ``--set key=value`` overrides."""
-    import yaml
-
-    from soups.config import ConfigError, load_config
-
-    overrides = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set expects key=value (e.g. sweep.n_trials=4), got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    try:
-        return load_config(Path(args.config) if args.config else None, overrides)
-    except ConfigError as err:
-        raise UsageError(str(err)) from err
-
-
-def _prepare_environment(root: Path) -> None:
-    """Keep Prefect's local database beside the MLflow and Optuna data (unless the user chose a home or a
-    server), so the UIs printed at the end show this run; quiet MLflow's download progress bars."""
-    if "PREFECT_HOME" not in os.environ:
-        home = (root / "prefect").resolve()
-        home.mkdir(parents=True, exist_ok=True)
-        os.environ["PREFECT_HOME"] = str(home)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # A fresh Prefect home migrates its database on first start, which takes longer than the 20 s default.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    # The temporary server's telemetry writes race the flow for the SQLite lock ("database is locked").
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-
 def pretrain_command(args: argparse.Namespace) -> None:
-    config = _config_from(args)
+    config = config_from(args)
     from soups.pretrain import needs_offline_start
 
     if not needs_offline_start(config):
@@ -107,148 +73,18 @@ def pretrain_command(args: argparse.Namespace) -> None:
     print(f"pretrained checkpoint: {result.checkpoint}")
 
 
-def _check_pretrained(pretrained: str | None) -> None:
-    """A pretrained start that is a file must hold tensors only: fail here, in one line, before a server starts
-    (torch's own error for a pickled file even suggests loading it unsafely)."""
-    if not pretrained or pretrained.startswith("local-dir:"):
-        return
-    path = Path(pretrained).expanduser()
-    if not path.is_file():
-        return  # an open_clip tag, or a missing file: the flow says which
-    from soups.checkpoint import CheckpointError, read_header
-
-    if path.suffix == ".safetensors":
-        try:
-            read_header(path)
-        except CheckpointError as err:
-            raise UsageError(f"model.pretrained: {err}") from None
-        return
-    import pickle
-    import zipfile
-
-    import torch
-
-    try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise UsageError(_unsafe_checkpoint(path, err)) from None
-
-
-def _unsafe_checkpoint(path, err: BaseException) -> str:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if "weights_only" in first or "Weights only load failed" in first:
-        first = "it holds pickled Python objects, not only tensors"
-    return (
-        f"model.pretrained {path} cannot be loaded as plain tensors ({first}); such files are never unpickled "
-        "here: convert it to safetensors where you trust it (safetensors.torch.save_file(state_dict, "
-        "'start.safetensors')) and point model.pretrained at that file"
-    )
-
-
-def _check_stores(config, command: str) -> None:
-    """The MLflow store (server reachable, database of this MLflow) and, for stages that sweep, the Optuna
-    storage (its driver installed) are checked, and created, before a Prefect server starts."""
-    from tasks.adapters.tracking import check_reachable, ensure_experiment
-
-    check_reachable(config.tracking)
-    if command in ("run", "sweep"):
-        from tasks.adapters.studies import open_study
-
-        open_study(config)
-    ensure_experiment(config)
-
-
-# Arms the parent-death signal (PR_SET_PDEATHSIG = 1), checks the parent still lives, then becomes the command:
-# a small exec trampoline, since a preexec_fn is unsafe once a process has threads.
-_DIE_WITH_PARENT = (
-    "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
-    "os.getppid() == int(sys.argv[1]) or sys.exit(1); os.execvp(sys.argv[2], sys.argv[2:])"
-)
-
-
-@contextmanager
-def _children_die_with_us() -> Iterator[None]:
-    """Processes started meanwhile get the kernel's parent-death signal (Linux; elsewhere nothing changes)."""
-    if not sys.platform.startswith("linux"):
-        yield
-        return
-    import subprocess
-
-    popen = subprocess.Popen
-    parent = str(os.getpid())
-
-    def dying_with_us(args, *rest, **kwargs):
-        return popen([sys.executable, "-c", _DIE_WITH_PARENT, parent, *args], *rest, **kwargs)
-
-    subprocess.Popen = dying_with_us
-    try:
-        yield
-    finally:
-        subprocess.Popen = popen
-
-
-def _start_temporary_server(tracking) -> None:
-    """Prefect's temporary server (when PREFECT_API_URL names none) is a uvicorn child process that outlives
-    a SIGKILLed parent, and migrates its database on a fresh PREFECT_HOME. Start it here: with the
-    parent-death signal set, so a killed `soups` leaves no server behind, and under the data root's lock, so
-    commands started together never migrate the same fresh database at once. Prefect's client then reuses it
-    (the one `SubprocessASGIServer` keyed by port None)."""
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    from tasks.adapters.tracking import stores_lock
-
-    with stores_lock(tracking), _children_die_with_us():
-        SubprocessASGIServer().start()
-
-
-class _TracebackToDebug:
-    """On the console, Prefect's error logs keep their message line; the traceback goes to debug level
-    (PREFECT_LOGGING_LEVEL=DEBUG, or SOUPS_DEBUG=1, shows it). The Prefect UI keeps the full record."""
-
-    def filter(self, record) -> bool:
-        import logging
-
-        if record.exc_info and record.levelno > logging.DEBUG:
-            logging.getLogger("prefect.soups.traceback").debug(
-                "traceback of: %s", record.getMessage(), exc_info=record.exc_info
-            )
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-def _quiet_tracebacks() -> None:
-    import logging
-
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    if os.environ.get("SOUPS_DEBUG"):
-        return
-    import prefect.main  # noqa: F401 - configures Prefect's logging (its console handler) once
-
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler) and not any(
-            isinstance(f, _TracebackToDebug) for f in handler.filters
-        ):
-            handler.addFilter(_TracebackToDebug())
-
-
 def stage_command(args: argparse.Namespace) -> None:
     """``soups run|sweep|kitchen|promote``: one stage (or all) as a Prefect flow run."""
-    config = _config_from(args)
+    config = config_from(args)
     if args.command != "run":  # fail before a Prefect server starts; `run` pretrains when it must
         from soups.pretrain import with_resolved_start
 
         config = with_resolved_start(config, missing_ok=args.command != "sweep")
-    _check_pretrained(config.model.pretrained)
-    _prepare_environment(config.tracking.root)
-    _check_stores(config, args.command)
-    _quiet_tracebacks()
-    _start_temporary_server(config.tracking)
+    check_pretrained(config.model.pretrained)
+    prepare_environment(config.tracking.root)
+    check_stores(config, args.command)
+    quiet_tracebacks()
+    start_temporary_server(config.tracking)
     started = time.perf_counter()
     if args.command == "run":
         from flows.pipeline import pipeline_flow
@@ -359,7 +195,7 @@ def _one_line(err: BaseException) -> str:
     """The error as one line; errors raised deep in libraries get what to do instead of their own advice."""
     text = " ".join(str(err).split())
     if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
-        return _unsafe_checkpoint("(model.pretrained or an ingredient)", err)
+        return unsafe_checkpoint("(model.pretrained or an ingredient)", err)
     if isinstance(err, ImportError) and err.name:
         return f"{type(err).__name__}: {text}; install the {err.name} package"
     return f"{type(err).__name__}: {text}"

@@ -42,7 +42,7 @@ def add_stack_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def stack_up_command(args: argparse.Namespace) -> None:
     # Imported here, not at the top: cli.main imports this module to register the command.
-    from cli.main import UsageError
+    from cli.common import UsageError
     from deployments.stack import ENV_FILE, OVERLAY, StackError, StackOptions, up
 
     options = StackOptions(
@@ -73,7 +73,7 @@ def stack_up_command(args: argparse.Namespace) -> None:
 
 
 def stack_status_command(args: argparse.Namespace) -> None:
-    from cli.main import UsageError
+    from cli.common import UsageError
     from deployments.stack import status
 
     processes = status(args.root)
@@ -90,7 +90,7 @@ def stack_status_command(args: argparse.Namespace) -> None:
 
 
 def stack_down_command(args: argparse.Namespace) -> None:
-    from cli.main import UsageError
+    from cli.common import UsageError
     from deployments.stack import StackError, down
 
     try:

@@ -24,6 +24,11 @@ os.environ.update(
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests pass their own sqlite URIs, never a user's server
 os.environ.pop("PREFECT_API_URL", None)  # and use the harness's temporary Prefect server
 
+# Prefect configures its console log handler once, on first import, bound to the sys.stderr of that moment.
+# Import it now, under pytest's session-wide capture, so a test that first imports it inside `capsys` does not
+# leave every later test logging into that test's closed stream.
+import prefect.main  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory):

@@ -327,7 +327,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_cli_imports_and_reports_errors_as_one_line(tmp_path, tracking_root, capsys):
-    from cli.main import UsageError
+    from cli.common import UsageError
 
     tracking = f"tracking.root={tracking_root}"
     paper = _paper_file(tmp_path, "model_5.pt", seed=5)

@@ -1,0 +1,58 @@
+"""Checks made before a Prefect server starts, so a bad start or store is one line, not a failed flow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cli.common import UsageError
+
+
+def check_pretrained(pretrained: str | None) -> None:
+    """A pretrained start that is a file must hold tensors only: fail here, in one line, before a server starts
+    (torch's own error for a pickled file even suggests loading it unsafely)."""
+    if not pretrained or pretrained.startswith("local-dir:"):
+        return
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        return  # an open_clip tag, or a missing file: the flow says which
+    from soups.checkpoint import CheckpointError, read_header
+
+    if path.suffix == ".safetensors":
+        try:
+            read_header(path)
+        except CheckpointError as err:
+            raise UsageError(f"model.pretrained: {err}") from None
+        return
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise UsageError(unsafe_checkpoint(path, err)) from None
+
+
+def unsafe_checkpoint(path, err: BaseException) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "weights_only" in first or "Weights only load failed" in first:
+        first = "it holds pickled Python objects, not only tensors"
+    return (
+        f"model.pretrained {path} cannot be loaded as plain tensors ({first}); such files are never unpickled "
+        "here: convert it to safetensors where you trust it (safetensors.torch.save_file(state_dict, "
+        "'start.safetensors')) and point model.pretrained at that file"
+    )
+
+
+def check_stores(config, command: str) -> None:
+    """The MLflow store (server reachable, database of this MLflow) and, for stages that sweep, the Optuna
+    storage (its driver installed) are checked, and created, before a Prefect server starts."""
+    from tasks.adapters.tracking import check_reachable, ensure_experiment
+
+    check_reachable(config.tracking)
+    if command in ("run", "sweep"):
+        from tasks.adapters.studies import open_study
+
+        open_study(config)
+    ensure_experiment(config)

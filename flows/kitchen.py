@@ -11,7 +11,8 @@ from soups.config import PipelineConfig
 from soups.cooking import prepare_cooking
 from soups.pretrain import with_resolved_start
 from soups.recipes import get_recipe
-from tasks.adapters.tracking import client_for, ensure_experiment, tracked_run
+from tasks.adapters.tracking import client_for, ensure_experiment, log_context, tracked_run
+from tasks.context import run_context
 from tasks.cooking import (
     cook_task,
     gather_ingredients,
@@ -22,13 +23,14 @@ from tasks.cooking import (
 from tasks.promotion import promote
 
 
-@flow(name="kitchen", log_prints=True)
+@flow(name="kitchen", flow_run_name="kitchen-{config.experiment}", log_prints=True)
 def kitchen_flow(config: PipelineConfig) -> dict:
     config = with_resolved_start(config, missing_ok=True)  # imported fine-tunes need no start (see cook loop)
     experiment_id = ensure_experiment(config)
     client = client_for(config.tracking)
-    tags = {"kind": "kitchen", "study": config.study_name}
+    tags = {"kind": "kitchen", "study": config.study_name, **run_context("flows/kitchen.py:kitchen_flow")}
     with tracked_run(client, experiment_id, f"kitchen-{config.study_name}", tags) as run_id:
+        log_context(client, run_id, config)
         workdir = (config.tracking.root / "kitchen" / run_id).resolve()
         refs = gather_ingredients(config, workdir / "ingredients", run_id)
         client.log_param(run_id, "ingredient_versions", ",".join(r.version for r in refs))

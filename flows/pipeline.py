@@ -10,7 +10,7 @@ from soups.config import PipelineConfig
 from tasks.pretraining import pretrain_task
 
 
-@flow(name="soup-pipeline", log_prints=True)
+@flow(name="soup-pipeline", flow_run_name="pipeline-{config.experiment}", log_prints=True)
 def pipeline_flow(config: PipelineConfig) -> dict:
     config = pretrain_task(config)
     sweep = sweep_flow(config)

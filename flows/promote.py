@@ -8,10 +8,11 @@ from soups.config import PipelineConfig
 from soups.cooking import prepare_cooking
 from soups.pretrain import with_resolved_start
 from tasks.adapters.tracking import client_for, ensure_experiment, tracked_run
+from tasks.context import run_context
 from tasks.promotion import promote, registered_candidate, rescore
 
 
-@flow(name="promote", log_prints=True)
+@flow(name="promote", flow_run_name="promote-{config.experiment}", log_prints=True)
 def promote_flow(config: PipelineConfig) -> dict:
     config = with_resolved_start(config, missing_ok=True)  # re-scoring needs the architecture, not the start
     experiment_id = ensure_experiment(config)
@@ -23,7 +24,8 @@ def promote_flow(config: PipelineConfig) -> dict:
     ]
     if not versions:
         raise ValueError(f"no soups of study {config.study_name!r} in {config.experiment}; run the kitchen first")
-    with tracked_run(client, experiment_id, f"promote-{config.study_name}", {"kind": "promotion"}) as run_id:
+    tags = {"kind": "promotion", "study": config.study_name, **run_context("flows/promote.py:promote_flow")}
+    with tracked_run(client, experiment_id, f"promote-{config.study_name}", tags) as run_id:
         workdir = (config.tracking.root / "promote" / run_id).resolve()
         setup = prepare_cooking(config, workdir)
         candidates = [

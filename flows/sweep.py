@@ -17,11 +17,17 @@ from soups.pretrain import with_resolved_start
 from soups.runtime import available_cores, resolve_device
 from soups.train import FinetuneInputs, prepare_finetune
 from tasks.adapters.studies import TrialHeartbeats, fail_stale_trials, grace_seconds, open_study, sample_params
-from tasks.adapters.tracking import client_for, ensure_experiment, fail_run, tracked_run
+from tasks.adapters.tracking import client_for, ensure_experiment, fail_run, log_context, tracked_run
+from tasks.context import run_context
 from tasks.trial import TrialOutcome, TrialRef, train_ingredient
 
 
-@flow(name="sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
+@flow(
+    name="sweep",
+    flow_run_name="sweep-{config.study_name}-{config.sweep.n_trials}",
+    log_prints=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=16),
+)
 def sweep_flow(config: PipelineConfig) -> dict:
     """Run ``sweep.n_trials`` more trials of the study; returns what finished, failed and was pruned. Some
     failed trials are fine; none finished raises `NoTrialFinishedError` (the flow run fails). First it reaps
@@ -32,8 +38,9 @@ def sweep_flow(config: PipelineConfig) -> dict:
     client = client_for(config.tracking)
     reap_ghosts(config, study, client, experiment_id)
     inputs = prepare_finetune(config.finetune_config(), resolve_device(config.train.device))
-    tags = {"kind": "sweep", "study": config.study_name}
+    tags = {"kind": "sweep", "study": config.study_name, **run_context("flows/sweep.py:sweep_flow")}
     with tracked_run(client, experiment_id, f"sweep-{config.study_name}", tags) as parent_run_id:
+        log_context(client, parent_run_id, config)
         with TrialHeartbeats(study) as heartbeats:
             outcomes, failures = _run_trials(config, study, experiment_id, parent_run_id, inputs, heartbeats)
         _log_summary(client, parent_run_id, outcomes, failures)

@@ -224,11 +224,15 @@ def register_candidates(
         if version is None:
             lineage = {
                 "recipe": candidate.recipe,
+                "candidate": candidate.name,
                 "weights_sha256": digest,
                 "study": config.study_name,
-                "ingredient_versions": ",".join(versions_by_name.get(n, n) for n in candidate.ingredients),
                 "heldout": repr(candidate.scores["heldout"]),
             }
+            if candidate.ingredients:  # the zero-shot row and the linear probe use none: no empty tag
+                lineage["ingredient_versions"] = ",".join(versions_by_name.get(n, n) for n in candidate.ingredients)
+            if "alpha" in candidate.details:  # WiSE-FT: which point of the α sweep this is
+                lineage["alpha"] = repr(candidate.details["alpha"])
             version = _log_and_register(config, experiment_id, kitchen_run_id, candidate, setup, workdir, lineage)
             existing[digest] = version
         registered.append(
@@ -246,6 +250,20 @@ def register_candidates(
 
 
 _TAG_LIMIT = 5000
+
+
+def _description(candidate: Candidate) -> str:
+    """What a registry reader needs: how it was made and how it scores, with the noise of those scores."""
+    low, high = candidate.intervals.get("heldout", (None, None))
+    noise = f" (95 % interval {low:.4f}-{high:.4f})" if low is not None else ""
+    made = f"{candidate.recipe} of {len(candidate.ingredients)} ingredient(s)"
+    if "tuned" in candidate.details:
+        made += f", options {candidate.details['tuned']} chosen on held-out"
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in candidate.scores.items() if k not in ("heldout", "heldout_loss"))
+    return (
+        f"{candidate.name}: {made}. Held-out accuracy (scoring part, which selects) {candidate.scores['heldout']:.4f}"
+        f"{noise}; reported only: {scores}."
+    )
 
 
 def _log_and_register(
@@ -284,5 +302,7 @@ def _log_and_register(
             too_long = len(coefficients) > _TAG_LIMIT
             version_tags["coefficients"] = f"per tensor, see details.json of run {run_id}" if too_long else coefficients
         source = log_classifier_model(client, run_id, candidate.checkpoint, setup.spec, Path(workdir) / candidate.name)
-        version = client.create_model_version(config.experiment, source=source, run_id=run_id, tags=version_tags)
+        version = client.create_model_version(
+            config.experiment, source=source, run_id=run_id, tags=version_tags, description=_description(candidate)
+        )
     return str(version.version)

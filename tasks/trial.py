@@ -28,6 +28,7 @@ from tasks.adapters.tracking import (
     sha256_of,
     tracked_run,
 )
+from tasks.context import run_context
 
 EPOCH_METRICS = ("train_loss", "heldout_accuracy", "heldout_loss")
 """Logged after every epoch, at step = epoch."""
@@ -66,6 +67,7 @@ def train_ingredient(
         "kind": "ingredient",
         "study": ref.study_name,
         "trial_number": str(ref.number),
+        **run_context("tasks/trial.py:train_ingredient"),
     }
     with tracked_run(client, ref.experiment_id, f"trial-{ref.number}", tags, killed_by=(optuna.TrialPruned,)) as run_id:
         return _train_and_register(client, run_id, config, ref, params, inputs)
@@ -110,6 +112,11 @@ def _train_and_register(
             "checkpoint": checkpoint.name,
             "model_name": config.model.name,
         },
+        description=(
+            f"Trial {ref.number} of study {ref.study_name}: {config.model.name} fine-tuned with "
+            + ", ".join(f"{k}={v}" for k, v in params.items())
+            + f"; held-out accuracy {result.metrics['heldout_accuracy']:.4f} on the whole held-out split."
+        ),
     )
     return TrialOutcome(
         number=ref.number,

@@ -203,3 +203,29 @@ def test_a_failing_trial_is_recorded_failed_and_registers_nothing(first_run):
     runs = client.search_runs([experiment.experiment_id], "tags.study = 'diverging' and tags.kind = 'ingredient'")
     failed = [r for r in runs if r.info.status == "FAILED"]
     assert len(failed) == 2 and all("TrainingDivergedError" in r.data.tags["failure_reason"] for r in failed)
+
+
+def test_the_three_tools_link_to_each_other_and_the_registry_reads_well(first_run):
+    from prefect.client.orchestration import get_client
+
+    config, result = first_run
+    client = _client(config)
+    sweep_run = client.get_run(result["sweep"]["parent_run_id"])
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_run(sweep_run.data.tags["prefect.flow_run_id"])
+    assert flow_run.name == f"sweep-{config.study_name}-3", "Prefect names the flow run after the study"
+    assert {"mlflow.source.name", "mlflow.source.git.commit"} <= set(sweep_run.data.tags)
+    assert "config.json" in {a.path for a in client.list_artifacts(sweep_run.info.run_id)}
+    assert sweep_run.data.params["sweep.sampler"] == "random"
+    trial_run = client.get_run(result["sweep"]["finished"][0]["run_id"])
+    assert trial_run.data.tags["prefect.flow_run_id"] == sweep_run.data.tags["prefect.flow_run_id"]
+    study = optuna.load_study(study_name=config.study_name, storage=config.tracking.resolved_optuna_storage())
+    assert study.metric_names == ["heldout_accuracy"]
+    assert study.trials[0].user_attrs["mlflow_run_id"] in {t["run_id"] for t in result["sweep"]["finished"]}
+    for name in (EXPERIMENT, f"{EXPERIMENT}-ingredients"):
+        assert client.get_registered_model(name).description, f"{name} has a description"
+    versions = _versions(client, EXPERIMENT, config.study_name)
+    assert all(v.description and "Held-out accuracy (scoring part" in v.description for v in versions)
+    assert all(value != "" for v in versions for value in v.tags.values()), "no empty tags"
+    wise = [v for v in versions if v.tags["recipe"] == "wise_ft"]
+    assert all("alpha" in v.tags for v in wise)

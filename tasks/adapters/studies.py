@@ -111,6 +111,7 @@ def open_study(config: PipelineConfig) -> optuna.Study:
             direction="maximize",
             load_if_exists=True,
         )
+    study.set_metric_names(["heldout_accuracy"])  # the objective, named in the Optuna dashboard (maximised)
     if study.trials:
         study.sampler = make_sampler(config, len(study.trials))
     return study

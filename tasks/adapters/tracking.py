@@ -197,8 +197,40 @@ def _ensure_experiment(config: PipelineConfig) -> str:
         try:
             client.get_registered_model(name)
         except MlflowException:
-            client.create_registered_model(name, tags={"experiment": config.experiment})
+            client.create_registered_model(
+                name, tags={"experiment": config.experiment}, description=_registered_model_description(config, name)
+            )
     return experiment_id
+
+
+def _registered_model_description(config: PipelineConfig, name: str) -> str:
+    if name == ingredients_model_name(config):
+        return (
+            f"Fine-tuned ingredients of experiment {config.experiment}: one version per finished sweep trial (or "
+            "imported checkpoint), tagged with its study, trial number, held-out accuracy on the whole held-out "
+            "split and the checkpoint's sha256. The kitchen cooks soups from them."
+        )
+    return (
+        f"Soups and baselines of experiment {config.experiment}, cooked by the kitchen from {config.experiment}-"
+        "ingredients; each version is tagged with its recipe, ingredient versions and held-out score (scoring "
+        "part). Alias `champion`: the promoted model; `challenger`: the best candidate that did not beat it."
+    )
+
+
+def log_context(client: MlflowClient, run_id: str, config: PipelineConfig) -> None:
+    """The whole validated config as an artifact (and its stage settings as params), so a run says what made it."""
+    client.log_dict(run_id, config.model_dump(mode="json"), "config.json")
+    params = {
+        "sweep.sampler": config.sweep.sampler,
+        "sweep.n_trials": str(config.sweep.n_trials),
+        "sweep.parallel": str(config.sweep.parallel),
+        "space": json.dumps({k: v.model_dump(exclude_defaults=True) for k, v in config.space.items()}),
+        "kitchen.recipes": ",".join(choice.key for choice in config.kitchen.recipes),
+        "kitchen.promotion_metric": config.kitchen.promotion_metric,
+        "model.name": config.model.name,
+        "data.name": config.data.name,
+    }
+    log_params(client, run_id, params)
 
 
 def fail_run(client: MlflowClient, run_id: str, reason: str) -> None:

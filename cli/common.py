@@ -12,17 +12,23 @@ class UsageError(Exception):
 
 def config_from(args: argparse.Namespace):
     """The one validated config: YAML file (or embedded defaults) plus ``--set key=value`` overrides."""
-    import yaml
-
     from soups.config import ConfigError, load_config
 
-    overrides = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set expects key=value (e.g. sweep.n_trials=4), got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+    overrides = assignments(args.set, "--set", "sweep.n_trials=4")
     try:
         return load_config(Path(args.config) if args.config else None, overrides)
     except ConfigError as err:
         raise UsageError(str(err)) from err
+
+
+def assignments(items: list[str] | None, flag: str, example: str) -> dict[str, object]:
+    """``NAME=VALUE`` arguments as a dict, each value read as YAML (numbers, lists, null)."""
+    import yaml
+
+    parsed = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"{flag} expects NAME=VALUE (e.g. {flag} {example}), got {item!r}")
+        parsed[name] = yaml.safe_load(value)
+    return parsed

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cli.common import UsageError, config_from
+from cli.common import UsageError, assignments, config_from
 from cli.import_command import add_import_parser
 from cli.prefect_runtime import prepare_environment, quiet_tracebacks, start_temporary_server
 from cli.preflight import check_pretrained, check_stores, unsafe_checkpoint
@@ -21,8 +21,6 @@ from cli.stack_command import add_stack_parser
 
 def cook_command(args: argparse.Namespace) -> None:
     """Any recipe that needs only files (and ``--base`` for the ones built on the zero-shot start)."""
-    import yaml
-
     from soups.checkpoint import CheckpointError, Ingredient, save_state_dict
     from soups.recipes import RecipeInputs, cook, get_recipe
 
@@ -31,12 +29,7 @@ def cook_command(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {out} is a directory; give a file name such as {out / 'soup.safetensors'}")
     if out.resolve() in {Path(p).resolve() for p in args.inputs}:
         raise UsageError(f"--out {out} is also an input; write the soup to a new file")
-    options = {}
-    for item in args.param or []:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--param expects NAME=VALUE (e.g. --param density=0.2), got {item!r}")
-        options[name] = yaml.safe_load(value)
+    options = assignments(args.param, "--param", "density=0.2")
     if args.dtype:
         options["dtype"] = args.dtype
     inputs = RecipeInputs(base=Path(args.base) if args.base else None)

@@ -39,7 +39,7 @@ def storage_for(
         from optuna.storages.journal import JournalFileBackend
 
         return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-    from tasks.adapters.tracking import with_installed_driver
+    from tasks.adapters.tracking import DRIVER_PACKAGES, shown_uri, with_installed_driver
 
     url = with_installed_driver(url)
     heartbeat = {}
@@ -54,28 +54,17 @@ def storage_for(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, **heartbeat)
     except ImportError as err:
-        from tasks.adapters.tracking import DRIVER_PACKAGES
-
         missing = getattr(err.__cause__, "name", None) or err.name or str(err)
         raise StudyStorageError(
-            f"the Optuna storage {_shown(url)} needs the {missing} database driver, which is not installed: "
+            f"the Optuna storage {shown_uri(url)} needs the {missing} database driver, which is not installed: "
             f"install {DRIVER_PACKAGES.get(missing, missing)}, or use sqlite:///<file> or journal:<file>"
         ) from None
     except sqlalchemy.exc.OperationalError as err:
         first = " ".join(str(err.orig or err).split())[:300]
         raise StudyStorageError(
-            f"cannot open the Optuna storage {_shown(url)}: {first}; start that database or fix tracking.optuna_storage"
+            f"cannot open the Optuna storage {shown_uri(url)}: {first}; start that database or fix "
+            "tracking.optuna_storage"
         ) from None
-
-
-def _shown(url: str) -> str:
-    """A storage URL without its password."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - only for a message
-        return url.split("@")[-1]
 
 
 def make_sampler(config: PipelineConfig, finished_before: int = 0) -> optuna.samplers.BaseSampler:

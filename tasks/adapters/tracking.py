@@ -89,7 +89,7 @@ def check_reachable(tracking: TrackingConfig, timeout: float = 5.0) -> None:
         ) from None
 
 
-def _shown_uri(uri: str) -> str:
+def shown_uri(uri: str) -> str:
     """A database URI without its password."""
     try:
         from sqlalchemy.engine import make_url
@@ -103,8 +103,8 @@ def _other_version(uri: str, detail: str) -> TrackingUnavailableError:
     import mlflow
 
     return TrackingUnavailableError(
-        f"the MLflow database at {_shown_uri(uri)} was made by another MLflow version ({detail}; this is MLflow "
-        f"{mlflow.__version__}): back it up and run `mlflow db upgrade {_shown_uri(uri)}` if it is older, use the "
+        f"the MLflow database at {shown_uri(uri)} was made by another MLflow version ({detail}; this is MLflow "
+        f"{mlflow.__version__}): back it up and run `mlflow db upgrade {shown_uri(uri)}` if it is older, use the "
         "MLflow version that made it, or give tracking.root a fresh folder"
     )
 
@@ -165,7 +165,7 @@ def ensure_experiment(config: PipelineConfig) -> str:
             if err.name not in DRIVER_PACKAGES:
                 raise
             raise TrackingUnavailableError(
-                f"the MLflow store {_shown_uri(uri)} needs the {err.name} database driver, which is not installed: "
+                f"the MLflow store {shown_uri(uri)} needs the {err.name} database driver, which is not installed: "
                 f"install {DRIVER_PACKAGES[err.name]}, or leave tracking.mlflow_uri null for a local sqlite store"
             ) from None
         except Exception as err:
@@ -176,7 +176,7 @@ def ensure_experiment(config: PipelineConfig) -> str:
                 raise _other_version(uri, text[:300]) from None
             if isinstance(err, sqlalchemy.exc.OperationalError):
                 raise TrackingUnavailableError(
-                    f"cannot open the MLflow database {_shown_uri(uri)}: {' '.join(str(err.orig or err).split())[:300]}"
+                    f"cannot open the MLflow database {shown_uri(uri)}: {' '.join(str(err.orig or err).split())[:300]}"
                     "; start that database or fix tracking.mlflow_uri"
                 ) from None
             raise

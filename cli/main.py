@@ -127,6 +127,24 @@ def _print_summary(config, kitchen: dict, seconds: float) -> None:
     print(f"  Prefect UI:       PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start")
 
 
+def serve_command(args: argparse.Namespace) -> None:
+    """``mlflow models serve`` of the promoted model from this project's environment, activated or not: MLflow
+    starts uvicorn by name, so the interpreter's own bin folder goes first on PATH (without it: exit 127)."""
+    config = config_from(args)
+    model = f"models:/{config.experiment}@{args.alias}"
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+        "MLFLOW_TRACKING_URI": config.tracking.resolved_mlflow_uri(),
+    }
+    argv = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local"]
+    argv += ["-h", args.host, "-p", str(args.port)]
+    print(f"serving {model} on http://{args.host}:{args.port}/invocations (uint8 images [batch, H, W, 3])")
+    sys.stdout.flush()
+    os.execve(argv[0], argv, env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="soups", description="Model soups: average fine-tuned weights.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="override one setting, e.g. --set sweep.n_trials=4 (repeatable)",
         )
         stage.set_defaults(handler=pretrain_command if name == "pretrain" else stage_command)
+    serve = commands.add_parser("serve", help="serve the promoted model over HTTP (mlflow models serve, CPU or GPU)")
+    serve.add_argument("config", nargs="?", help="YAML config file (default: the embedded offline defaults)")
+    serve.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
+    serve.add_argument("--alias", default="champion", help="registry alias to serve (default champion)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=5001, help="port (default 5001)")
+    serve.set_defaults(handler=serve_command)
     add_import_parser(commands)
     add_stack_parser(commands)
     return parser

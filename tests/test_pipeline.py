@@ -229,3 +229,44 @@ def test_the_three_tools_link_to_each_other_and_the_registry_reads_well(first_ru
     assert all(value != "" for v in versions for value in v.tags.values()), "no empty tags"
     wise = [v for v in versions if v.tags["recipe"] == "wise_ft"]
     assert all("alpha" in v.tags for v in wise)
+
+
+def test_soups_serve_answers_with_the_champion_from_the_project_environment(first_run):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    config, _ = first_run
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["PATH"] = "/usr/bin:/bin"  # not activated: the project's bin folder is not on PATH
+    argv = [sys.executable, "-m", "cli.main", "serve", "--set", f"experiment={EXPERIMENT}",
+            "--set", f"tracking.root={config.tracking.root}", "--port", str(port)]
+    server = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": images.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    predictions = np.asarray(json.loads(response.read())["predictions"])
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "soups serve did not come up"
+                time.sleep(1)
+        assert predictions.shape == (2, 10) and np.allclose(predictions.sum(axis=1), 1.0, atol=1e-5)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -20,6 +20,7 @@ from soups.checkpoint import Ingredient, weights_digest
 from soups.config import PipelineConfig, RecipeChoice
 from soups.cooking import Candidate, CookingSetup, cook_and_score, promotable, score_ingredients
 from tasks.adapters.tracking import (
+    CHECKPOINT_ARTIFACT,
     PARENT_RUN_TAG,
     client_for,
     ingredients_model_name,
@@ -84,7 +85,8 @@ def gather_ingredients(config: PipelineConfig, into: Path, run_id: str | None = 
                 why = run.data.tags.get("failure_reason") or "its process died before the run finished"
                 skipped[number] = f"its run {version.run_id} is {run.info.status}, not FINISHED ({why})"
             else:
-                path = local_artifact(client, version.run_id, f"checkpoint/{version.tags['checkpoint']}", into / number)
+                artifact = f"{CHECKPOINT_ARTIFACT}/{version.tags['checkpoint']}"
+                path = local_artifact(client, version.run_id, artifact, into / number)
                 digest = sha256_of(path)
                 if digest == version.tags["sha256"]:
                     refs.append(IngredientRef(version=number, run_id=version.run_id, checkpoint=path))

@@ -20,10 +20,12 @@ from soups.config import PipelineConfig
 from soups.importing import ConvertedCheckpoint, convert
 from soups.models import model_config
 from tasks.adapters.tracking import (
+    CHECKPOINT_ARTIFACT,
     client_for,
     ensure_experiment,
     ingredients_model_name,
     log_params,
+    register_ingredient,
     sha256_of,
     tracked_run,
 )
@@ -101,22 +103,15 @@ def _register(
     with tracked_run(client, experiment_id, f"import-{converted.source.stem}", run_tags) as run_id:
         params = {"source_file": source_file, "format": converted.format, "model_name": config.model.name}
         log_params(client, run_id, {**params, "num_classes": str(converted.num_classes)})
-        client.log_artifact(run_id, str(converted.path), "checkpoint")
-        version = client.create_model_version(
-            ingredients_model_name(config),
-            source=f"{client.get_run(run_id).info.artifact_uri}/checkpoint",
-            run_id=run_id,
-            tags={
-                "study": config.study_name,
-                "trial_number": str(index),
-                "heldout_accuracy": "nan",
-                "sha256": converted.sha256,
-                "checkpoint": converted.path.name,
-                "model_name": config.model.name,
-                "source_file": source_file,
-                "source_sha256": source_sha256,
-                "weights_sha256": converted.weights_sha256,
-                "format": converted.format,
-            },
-        )
+        client.log_artifact(run_id, str(converted.path), CHECKPOINT_ARTIFACT)
+        tags = {
+            "study": config.study_name,
+            "trial_number": str(index),
+            "heldout_accuracy": "nan",
+            "source_file": source_file,
+            "source_sha256": source_sha256,
+            "weights_sha256": converted.weights_sha256,
+            "format": converted.format,
+        }
+        version = register_ingredient(client, config, run_id, converted.path, converted.sha256, tags)
     return str(version.version)

@@ -20,11 +20,12 @@ from soups.config import PipelineConfig
 from soups.train import EpochReport, FinetuneInputs
 from tasks.adapters.studies import open_trial, still_running
 from tasks.adapters.tracking import (
+    CHECKPOINT_ARTIFACT,
     PARENT_RUN_TAG,
     client_for,
     flat_params,
-    ingredients_model_name,
     log_params,
+    register_ingredient,
     sha256_of,
     tracked_run,
 )
@@ -96,22 +97,22 @@ def _train_and_register(
     for key, value in result.metrics.items():
         if key not in EPOCH_METRICS:  # those are curves already, ending at the last epoch: no step-0 repeat
             client.log_metric(run_id, key, value, step=finetune_config.train.epochs)
-    client.log_artifact(run_id, str(checkpoint), "checkpoint")
+    client.log_artifact(run_id, str(checkpoint), CHECKPOINT_ARTIFACT)
     digest = sha256_of(checkpoint)
     if not still_running(trial):
         raise RuntimeError(f"trial {ref.number} was ended by the sweep while training; not registering it")
-    version = client.create_model_version(
-        ingredients_model_name(config),
-        source=f"{client.get_run(run_id).info.artifact_uri}/checkpoint",
-        run_id=run_id,
-        tags={
-            "study": ref.study_name,
-            "trial_number": str(ref.number),
-            "heldout_accuracy": repr(result.metrics["heldout_accuracy"]),
-            "sha256": digest,
-            "checkpoint": checkpoint.name,
-            "model_name": config.model.name,
-        },
+    tags = {
+        "study": ref.study_name,
+        "trial_number": str(ref.number),
+        "heldout_accuracy": repr(result.metrics["heldout_accuracy"]),
+    }
+    version = register_ingredient(
+        client,
+        config,
+        run_id,
+        checkpoint,
+        digest,
+        tags,
         description=(
             f"Trial {ref.number} of study {ref.study_name}: {config.model.name} fine-tuned with "
             + ", ".join(f"{k}={v}" for k, v in params.items())

@@ -120,7 +120,6 @@ class GreedyOptions(RecipeOptions):
 
 
 def greedy_recipe(ingredients: list[Ingredient], inputs: RecipeInputs, options: GreedyOptions) -> list[Dish]:
-    inputs.require("greedy", "evaluate")
     combine = None if options.combine == "uniform" else _combine_with(options, inputs)
     result = greedy_soup(ingredients, inputs.evaluate, strict=options.strict, combine=combine)
     details = {

@@ -217,6 +217,36 @@ def _registered_model_description(config: PipelineConfig, name: str) -> str:
     )
 
 
+CHECKPOINT_ARTIFACT = "checkpoint"
+"""Where an ingredient's run keeps its checkpoint; the kitchen downloads ``checkpoint/<tags.checkpoint>``."""
+
+
+def register_ingredient(
+    client: MlflowClient,
+    config: PipelineConfig,
+    run_id: str,
+    checkpoint: Path,
+    sha256: str,
+    tags: Mapping[str, str],
+    description: str | None = None,
+):
+    """A version of ``<experiment>-ingredients`` from the checkpoint already logged to the run, with the tags the
+    kitchen reads set at creation (a version never exists without its sha256): ``sha256`` (of the file),
+    ``checkpoint``, ``model_name`` here, study, trial number and held-out accuracy from the caller."""
+    return client.create_model_version(
+        ingredients_model_name(config),
+        source=f"{client.get_run(run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT}",
+        run_id=run_id,
+        tags={
+            **tags,
+            "sha256": sha256,
+            "checkpoint": Path(checkpoint).name,
+            "model_name": config.model.name,
+        },
+        description=description,
+    )
+
+
 def log_context(client: MlflowClient, run_id: str, config: PipelineConfig) -> None:
     """The whole validated config as an artifact (and its stage settings as params), so a run says what made it."""
     client.log_dict(run_id, config.model_dump(mode="json"), "config.json")

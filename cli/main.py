@@ -15,7 +15,7 @@ from pathlib import Path
 from cli.common import UsageError, assignments, config_from
 from cli.import_command import add_import_parser
 from cli.prefect_runtime import prepare_environment, quiet_tracebacks, start_temporary_server
-from cli.preflight import check_pretrained, check_stores, unsafe_checkpoint
+from cli.preflight import check_dispatch, check_pretrained, check_stores, unsafe_checkpoint
 from cli.stack_command import add_stack_parser
 
 
@@ -69,6 +69,7 @@ def pretrain_command(args: argparse.Namespace) -> None:
 def stage_command(args: argparse.Namespace) -> None:
     """``soups run|sweep|kitchen|promote``: one stage (or all) as a Prefect flow run."""
     config = config_from(args)
+    check_dispatch(config, args.command)
     if args.command != "run":  # fail before a Prefect server starts; `run` pretrains when it must
         from soups.pretrain import with_resolved_start
 

@@ -56,3 +56,15 @@ def check_stores(config, command: str) -> None:
 
         open_study(config)
     ensure_experiment(config)
+
+
+def check_dispatch(config, command: str) -> None:
+    """Trials dispatched as flow runs need the Prefect server that the pool's workers poll; a temporary server
+    has no workers, so its trials would wait forever."""
+    import os
+
+    if command in ("run", "sweep") and config.sweep.dispatch == "deployment" and not os.environ.get("PREFECT_API_URL"):
+        raise UsageError(
+            "sweep.dispatch is 'deployment' but PREFECT_API_URL names no Prefect server: `. DIR/stack.env` after "
+            "`soups stack up --root DIR`, or export PREFECT_API_URL of the server your workers poll"
+        )

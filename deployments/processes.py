@@ -70,13 +70,17 @@ def is_running(service: Service) -> bool:
 
 
 def process_group(service: Service) -> list[int]:
-    """Live processes in the service's process group that started no earlier than it: it and its children
-    (the group number cannot be reused while any of them lives)."""
-    members = []
+    """Live processes in the service's process group that started no earlier than it, and their descendants
+    in sessions of their own (a worker's flow runs): it and everything it started (the group number cannot be
+    reused while any of them lives)."""
+    live = {}
     for entry in Path("/proc").iterdir():
         fields = _proc_stat(int(entry.name)) if entry.name.isdigit() else None
-        if fields and int(fields[2]) == service.pid and int(fields[19]) >= service.started:
-            members.append(int(entry.name))
+        if fields and int(fields[19]) >= service.started:
+            live[int(entry.name)] = (int(fields[1]), int(fields[2]))  # parent, group
+    members = [pid for pid, (_, group) in live.items() if group == service.pid]
+    for pid in members:  # grows while it runs: children of members are members
+        members += [child for child, (parent, _) in live.items() if parent == pid and child not in members]
     return members
 
 

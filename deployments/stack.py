@@ -18,7 +18,9 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import socket
+import subprocess
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -134,13 +136,41 @@ def _is_registered(api: str, pool: str, name: str) -> bool:
     return any(worker["name"] == name for worker in workers or [])
 
 
-def start_worker(root: Path, api: str, pool: str, service: str, password: str) -> Started:
-    """``prefect worker start``: its flow runs inherit PGPASSWORD (Optuna's storage) and SOUPS_CHECKOUT (the
-    deployments' working directory)."""
+def start_worker(root: Path, api: str, pool: str, service: str, password: str, gpu: str | None) -> Started:
+    """``prefect worker start`` taking one flow run at a time (``--limit 1``), on its own GPU when ``gpu`` is
+    given (CUDA_VISIBLE_DEVICES), so two trials never share a GPU. Its flow runs inherit PGPASSWORD (Optuna's
+    storage) and SOUPS_CHECKOUT (the deployments' working directory)."""
     argv = [tool_path("prefect", service), "worker", "start", "--pool", pool, "--name", worker_name(service)]
+    argv += ["--limit", "1"]
     checkout = os.environ.get("SOUPS_CHECKOUT", str(CHECKOUT))
-    env = _prefect_environment(root, api, PGPASSWORD=password, SOUPS_CHECKOUT=checkout)
-    return launch(root, service, argv, env, f"pool {pool} as {worker_name(service)}")
+    devices = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+    env = _prefect_environment(root, api, PGPASSWORD=password, SOUPS_CHECKOUT=checkout, **devices)
+    where = f" on GPU {gpu}" if gpu is not None else ""
+    return launch(root, service, argv, env, f"pool {pool} as {worker_name(service)}{where}")
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this machine gives its workers: CUDA_VISIBLE_DEVICES when set, else what ``nvidia-smi -L``
+    lists (none without a driver)."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [gpu.strip() for gpu in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip()]
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    return [str(index) for index, line in enumerate(listing.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+def deploy_trial(root: Path, api: str, pool: str) -> None:
+    """``prefect deploy`` of the ``trial`` deployment (deployments/prefect.yaml) on ``pool``: what a sweep with
+    ``sweep.dispatch: deployment`` starts its trials through."""
+    argv = [tool_path("prefect", "prefect-deploy"), "--no-prompt", "deploy", "--name", "trial"]
+    argv += ["--pool", pool, "--prefect-file", str(CHECKOUT / "deployments" / "prefect.yaml")]
+    log = root / "prefect-deploy.log"
+    with log.open("ab") as out:
+        done = subprocess.run(argv, cwd=CHECKOUT, env=_prefect_environment(root, api), stdout=out, stderr=out)
+    if done.returncode != 0:
+        raise StackError(f"prefect-deploy: deploying the trial deployment failed; see {log}")
 
 
 # --- files in DIR --------------------------------------------------------------------------------------------
@@ -206,12 +236,14 @@ def write_env(root: Path, generated_password: str | None, exports: dict[str, str
 
 
 def write_overlay(root: Path, stack: Stack) -> None:
-    """DIR/stack.yaml, a config for ``soups run``: tracking through the stack's servers (no password)."""
+    """DIR/stack.yaml, a config for ``soups run``: tracking through the stack's servers (no password), and
+    trials as flow runs of the trial deployment on the stack's workers."""
     import yaml
 
     tracking = {"root": str(root / "data"), "mlflow_uri": stack.mlflow_uri, "optuna_storage": stack.optuna_storage}
+    overlay = {"tracking": tracking, "sweep": {"dispatch": "deployment"}}
     header = f"# Written by `soups stack up`; run `. {root / ENV_FILE}` first (the database password).\n"
-    (root / OVERLAY).write_text(header + yaml.safe_dump({"tracking": tracking}, sort_keys=False))
+    (root / OVERLAY).write_text(header + yaml.safe_dump(overlay, sort_keys=False))
 
 
 # --- the stack -----------------------------------------------------------------------------------------------
@@ -224,6 +256,12 @@ def _check(options: StackOptions) -> None:
         raise StackError(f"--host must be an IP address of this machine, got {options.host!r}") from None
     if options.workers < 0:
         raise StackError(f"--workers must be 0 or more, got {options.workers}")
+    gpus = visible_gpus()
+    if gpus and options.workers > len(gpus):
+        raise StackError(
+            f"--workers {options.workers} is more than this machine's {len(gpus)} GPUs ({','.join(gpus)}): one "
+            f"worker per GPU, so two trials never share one; use --workers {len(gpus)} or fewer"
+        )
     running = [service.name for service in recorded(options.root.resolve()) if process_group(service)]
     if running:
         raise StackError(
@@ -258,13 +296,17 @@ def _start_servers(root: Path, options: StackOptions, database: str, password: s
 
 
 def _start_workers(root: Path, options: StackOptions, api: str, password: str, track: Track) -> None:
-    """The work pool and its workers, started together; returns once each has registered with the pool."""
+    """The work pool, the trial deployment and the workers (one per GPU when there are GPUs), started
+    together; returns once each worker has registered with the pool."""
     ensure_work_pool(api, options.pool)
+    gpus = visible_gpus()
     workers = []
     for index in range(1, options.workers + 1):
-        worker, process = start_worker(root, api, options.pool, f"worker-{index}", password)
+        gpu = gpus[index - 1] if gpus else None
+        worker, process = start_worker(root, api, options.pool, f"worker-{index}", password, gpu)
         track(worker)
         workers.append((worker, process))
+    deploy_trial(root, api, options.pool)  # meanwhile
     for worker, process in workers:
         registered = partial(_is_registered, api, options.pool, worker_name(worker.name))
         wait_ready(worker, process, registered, f"register with work pool {options.pool!r}", options.timeout)

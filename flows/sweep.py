@@ -1,25 +1,25 @@
-"""The sweep flow: an Optuna study (ask-and-tell) whose trials are Prefect tasks, ``parallel`` at a time."""
+"""The sweep flow: an Optuna study (ask-and-tell) whose trials run ``parallel`` at a time, as tasks of this
+process or as flow runs on a work pool (``sweep.dispatch``, flows/dispatch.py)."""
 
 from __future__ import annotations
 
-import time
-
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.dispatch import DeployedTrials, LocalTrials, Trials
 from soups.config import PipelineConfig
 from soups.pretrain import with_resolved_start
-from soups.runtime import available_cores, resolve_device
-from soups.train import FinetuneInputs, prepare_finetune
+from soups.runtime import resolve_device
+from soups.train import prepare_finetune
 from tasks.adapters.reaping import reap_ghosts
+from tasks.adapters.starts import publish_start
 from tasks.adapters.studies import TrialHeartbeats, open_study, sample_params
 from tasks.adapters.tracking import client_for, ensure_experiment, log_context, tracked_run
 from tasks.context import run_context
-from tasks.trial import TrialOutcome, TrialRef, train_ingredient
+from tasks.trial import TrialOutcome, TrialRef, fail_trial
 
 
 @flow(
@@ -31,18 +31,23 @@ from tasks.trial import TrialOutcome, TrialRef, train_ingredient
 def sweep_flow(config: PipelineConfig) -> dict:
     """Run ``sweep.n_trials`` more trials of the study; returns what finished, failed and was pruned. Some
     failed trials are fine; none finished raises `NoTrialFinishedError` (the flow run fails). First it reaps
-    what killed sweeps left behind (see `reap_ghosts`)."""
+    what killed sweeps left behind (see `reap_ghosts`). Trials run where ``sweep.dispatch`` says (flows/dispatch.py)."""
     config = with_resolved_start(config)
     experiment_id = ensure_experiment(config)
     study = open_study(config)
     client = client_for(config.tracking)
     reap_ghosts(config, study, client, experiment_id)
-    inputs = prepare_finetune(config.finetune_config(), resolve_device(config.train.device))
     tags = {"kind": "sweep", "study": config.study_name, **run_context("flows/sweep.py:sweep_flow")}
     with tracked_run(client, experiment_id, f"sweep-{config.study_name}", tags) as parent_run_id:
         log_context(client, parent_run_id, config)
         with TrialHeartbeats(study) as heartbeats:
-            outcomes, failures = _run_trials(config, study, experiment_id, parent_run_id, inputs, heartbeats)
+            if config.sweep.dispatch == "deployment":
+                config = _portable(config, client, experiment_id)
+                trials: Trials = DeployedTrials(config, study, client)
+            else:
+                inputs = prepare_finetune(config.finetune_config(), resolve_device(config.train.device))
+                trials = LocalTrials(config, study, inputs, heartbeats)
+            outcomes, failures = _run_trials(config, study, experiment_id, parent_run_id, trials)
         _log_summary(client, parent_run_id, outcomes, failures)
         if not outcomes:
             raise NoTrialFinishedError(_nothing_finished(config, failures))
@@ -51,6 +56,13 @@ def sweep_flow(config: PipelineConfig) -> dict:
         "finished": [o.model_dump(mode="json") for o in outcomes],
         "failed": failures,
     }
+
+
+def _portable(config: PipelineConfig, client, experiment_id: str) -> PipelineConfig:
+    """The config a trial on another machine needs: the start as a registry URI, absolute local paths."""
+    config = publish_start(config, client, experiment_id)
+    tracking = config.tracking.model_copy(update={"root": config.tracking.root.resolve()})
+    return config.model_copy(update={"tracking": tracking})
 
 
 class NoTrialFinishedError(RuntimeError):
@@ -68,58 +80,56 @@ def _nothing_finished(config: PipelineConfig, failures: dict[int, str]) -> str:
 
 
 def _run_trials(
-    config: PipelineConfig,
-    study: optuna.Study,
-    experiment_id: str,
-    parent_run_id: str,
-    inputs: FinetuneInputs,
-    heartbeats: TrialHeartbeats,
+    config: PipelineConfig, study: optuna.Study, experiment_id: str, parent_run_id: str, trials: Trials
 ) -> tuple[list[TrialOutcome], dict[int, str]]:
-    """Ask, submit up to ``parallel`` trial tasks, tell each as it ends; each running trial has a heartbeat.
-    Trials still running when the flow is interrupted are told FAIL, so the study never keeps RUNNING ghosts
-    (and when the process is killed outright, their heartbeats stop and the next sweep fails them)."""
-    parallel = config.sweep.parallel
-    threads = max(1, available_cores() // parallel)
-    base = config.model_copy(update={"train": config.train.model_copy(update={"threads": threads})})
-    checkpoint_dir = (config.tracking.root / "checkpoints").resolve()
+    """Ask, start up to ``parallel`` trials, record each as it ends. A trial lost with its process (no heartbeat,
+    a crashed flow run) is asked again once with the same parameters, so a lost worker does not shrink the sweep."""
     progress = create_progress_artifact(0.0, description=f"trials of study {config.study_name}")
-    in_flight: dict[PrefectFuture, tuple[optuna.Trial, float]] = {}  # trial and when it was submitted
     outcomes: list[TrialOutcome] = []
     failures: dict[int, str] = {}
-    asked = 0
+    wanted, asked = config.sweep.n_trials, 0
     try:
-        while asked < config.sweep.n_trials or in_flight:
-            while asked < config.sweep.n_trials and len(in_flight) < parallel:
+        while asked < wanted or len(trials):
+            while asked < wanted and len(trials) < trials.capacity:
                 trial = study.ask()
-                heartbeats.add(trial)
                 trial.set_user_attr("sweep_run_id", parent_run_id)
                 # Each trial gets its own seed (init order, augmentation, mixup) unless the space samples it.
-                params = {"seed": config.train.seed + trial.number, **sample_params(trial, config.space)}
+                seed = trial.user_attrs.get("seed", config.train.seed + trial.number)  # a retry keeps its seed
+                params = {"seed": seed, **sample_params(trial, config.space)}
                 trial.set_user_attr("seed", params["seed"])
                 ref = TrialRef(
                     study_name=config.study_name,
-                    storage=config.tracking.resolved_optuna_storage(),
                     trial_id=trial._trial_id,
                     number=trial.number,
                     experiment_id=experiment_id,
                     parent_run_id=parent_run_id,
-                    checkpoint_dir=checkpoint_dir,
                 )
-                in_flight[train_ingredient.submit(base, ref, params, inputs)] = (trial, time.perf_counter())
+                try:
+                    trials.start(trial, ref, params)
+                except BaseException as err:  # never leave an asked trial RUNNING without anyone to end it
+                    fail_trial(trial, err)
+                    raise
                 asked += 1
-            future = next(as_completed(list(in_flight)))
-            trial, submitted = in_flight[future]
-            _tell(study, trial, future, outcomes, failures, time.perf_counter() - submitted)
-            del in_flight[future]  # only once told: an interrupted tell is retried as FAIL below
-            heartbeats.remove(trial)
+            trial, wall_seconds = trials.wait()
+            ended = study._storage.get_trial(trial._trial_id)
+            _record(ended, wall_seconds, outcomes, failures)
+            if _lost(ended) and "retry_of" not in ended.user_attrs:
+                retry = {"retry_of": ended.number, "seed": ended.user_attrs["seed"]}
+                study.enqueue_trial(ended.params, user_attrs=retry)
+                wanted += 1
+                print(f"trial {ended.number} was lost with its process: asking its parameters again")
             done = len(outcomes) + len(failures)
-            update_progress_artifact(progress, 100.0 * done / config.sweep.n_trials)
-            print(f"trials done {done}/{config.sweep.n_trials} ({len(failures)} failed or pruned)")
+            update_progress_artifact(progress, 100.0 * done / wanted)
+            print(f"trials done {done}/{wanted} ({len(failures)} failed or pruned)")
     finally:
-        for trial, _ in in_flight.values():
-            study.tell(trial, state=TrialState.FAIL)
-            heartbeats.remove(trial)
+        trials.abandon()
     return outcomes, failures
+
+
+def _lost(trial: FrozenTrial) -> bool:
+    """Failed because its process or machine went away, not because of what it computed."""
+    reason = str(trial.user_attrs.get("fail_reason", ""))
+    return trial.state == TrialState.FAIL and (reason.startswith("process died") or "flow run ended Crashed" in reason)
 
 
 def _log_summary(client, run_id: str, outcomes: list[TrialOutcome], failures: dict[int, str]) -> None:
@@ -136,19 +146,10 @@ def _log_summary(client, run_id: str, outcomes: list[TrialOutcome], failures: di
     )
 
 
-def _tell(
-    study: optuna.Study,
-    trial: optuna.Trial,
-    future: PrefectFuture,
-    outcomes: list[TrialOutcome],
-    failures: dict[int, str],
-    wall_seconds: float,
-) -> None:
-    """Tell Optuna how the trial ended; overhead = trial wall time seen by the flow minus time in finetune()."""
-    result = future.result(raise_on_failure=False)  # the outcome, or the exception the task raised
-    if isinstance(result, TrialOutcome):
-        outcome = result
-        study.tell(trial, outcome.value)
+def _record(trial: FrozenTrial, wall_seconds: float, outcomes: list[TrialOutcome], failures: dict[int, str]) -> None:
+    """Note how the trial ended; overhead = trial wall time seen by the sweep minus time inside finetune()."""
+    if trial.state == TrialState.COMPLETE:
+        outcome = TrialOutcome.of(trial)
         overhead = wall_seconds - outcome.train_function_seconds
         outcomes.append(outcome.model_copy(update={"orchestration_seconds": overhead}))
         print(
@@ -156,11 +157,6 @@ def _tell(
             f"{outcome.version} (orchestration overhead {overhead:.2f}s)"
         )
         return
-    error = result
-    failures[trial.number] = f"{type(error).__name__}: {error}"
-    if isinstance(error, optuna.TrialPruned):
-        study.tell(trial, state=TrialState.PRUNED)
-    else:
-        trial.set_user_attr("fail_reason", failures[trial.number][:1000])
-        study.tell(trial, state=TrialState.FAIL)
+    reason = trial.user_attrs.get("fail_reason", "pruned" if trial.state == TrialState.PRUNED else "no reason")
+    failures[trial.number] = f"{trial.state.name}: {reason}"
     print(f"trial {trial.number} did not finish: {failures[trial.number]}")

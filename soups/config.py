@@ -208,6 +208,19 @@ class SweepConfig(_Section):
     seed: int = 0
     pruning: bool = Field(False, description="Median pruning on per-epoch held-out accuracy.")
     study_name: str | None = Field(None, description="Defaults to the experiment name.")
+    dispatch: Literal["local", "deployment"] = Field(
+        "local",
+        description="'local': trials run as tasks of the sweep's process; 'deployment': each trial is a flow run "
+        "of the `sweep.deployment` deployment, taken by any worker of its pool (see README, Scaling out).",
+    )
+    deployment: str = Field(
+        "trial/trial",
+        pattern=r"^[^/]+/[^/]+$",
+        description="'flow/deployment' that runs one trial when dispatch is 'deployment' (deployments/prefect.yaml).",
+    )
+    poll_seconds: float = Field(
+        2.0, gt=0, description="How often a 'deployment' sweep checks its trials' flow runs and Optuna states."
+    )
     heartbeat_seconds: int = Field(
         60,
         ge=1,
@@ -240,6 +253,11 @@ class RecipeChoice(_Section):
     @classmethod
     def _bare_name(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        """A bare name is valid too in the JSON schema that Prefect checks flow-run parameters against."""
+        return {"anyOf": [{"type": "string", "title": "Recipe name"}, handler(core_schema)]}
 
     @model_validator(mode="after")
     def _declared_options(self) -> RecipeChoice:
@@ -305,12 +323,24 @@ class TrackingConfig(_Section):
     optuna_storage: str | None = Field(
         None, description="sqlite:///… / RDB URL / journal:<path>; default sqlite:///<root>/optuna.db."
     )
+    cache_dir: Path | None = Field(
+        None,
+        description="This machine's cache of what it downloads (pretrained starts), one folder per sha256; "
+        "default <root>/cache.",
+    )
 
     def resolved_mlflow_uri(self) -> str:
         return self.mlflow_uri or f"sqlite:///{(self.root / 'mlflow.db').resolve()}"
 
     def resolved_optuna_storage(self) -> str:
         return self.optuna_storage or f"sqlite:///{(self.root / 'optuna.db').resolve()}"
+
+    def checkpoint_dir(self) -> Path:
+        """Where fine-tunes on this machine write checkpoints before uploading them to the artifact store."""
+        return (self.root / "checkpoints").resolve()
+
+    def resolved_cache_dir(self) -> Path:
+        return (self.cache_dir or self.root / "cache").resolve()
 
     def artifact_root(self) -> str:
         return (self.root / "artifacts").resolve().as_uri()

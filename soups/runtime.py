@@ -28,3 +28,13 @@ def use_cores(threads: int | None = None) -> int:
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
     return count
+
+
+def trial_slots(device: str, parallel: int, gpus: int | None = None) -> list[str]:
+    """The device of each of the ``parallel`` trials a process runs at once. With ``device`` 'auto' or 'cuda'
+    and GPUs, each slot gets its own GPU and there are at most as many slots as GPUs (two trials never
+    share one); otherwise every slot uses ``device`` (CPU-only machines keep the configured parallelism)."""
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if device in ("auto", "cuda") and gpus >= 1:
+        return [f"cuda:{index}" for index in range(min(parallel, gpus))]
+    return [device] * parallel

@@ -1,17 +1,18 @@
 """The sweep's unit of work: fine-tune one ingredient, track it in MLflow, register it, report to Optuna.
 
-Inputs are plain ids, configs and paths plus the shared `FinetuneInputs` of this process, so a trial can
-later run as its own flow run on another machine: the task reopens the Optuna trial from (storage, study,
-trial id) and talks to MLflow through explicit run ids.
+Inputs are plain ids and the config plus the `FinetuneInputs` of the process that runs it, so a trial runs
+the same as a task of the sweep (``sweep.dispatch: local``) or as its own flow run on any worker
+(``deployment``, flows/trial.py): it reopens its Optuna trial from (storage, study, trial id), talks to MLflow
+through explicit run ids, and tells Optuna its end itself.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
@@ -36,56 +37,99 @@ EPOCH_METRICS = ("train_loss", "heldout_accuracy", "heldout_loss")
 
 
 class TrialRef(BaseModel):
-    """Where a trial lives and where its outputs go."""
+    """Which trial this is and where its run belongs: plain ids, so any process can pick it up."""
 
     study_name: str
-    storage: str
     trial_id: int
     number: int
     experiment_id: str
     parent_run_id: str
-    checkpoint_dir: Path
 
 
 class TrialOutcome(BaseModel):
+    """A finished trial as the study records it (user attrs written by `run_trial` before it tells)."""
+
     number: int
     value: float
     run_id: str
     version: str
-    checkpoint: Path
     train_function_seconds: float
     orchestration_seconds: float | None = None
 
+    @classmethod
+    def of(cls, trial: FrozenTrial) -> TrialOutcome:
+        attrs = trial.user_attrs
+        return cls(
+            number=trial.number,
+            value=trial.value,
+            run_id=attrs["mlflow_run_id"],
+            version=attrs["model_version"],
+            train_function_seconds=attrs["train_function_seconds"],
+        )
+
 
 @task(name="train-ingredient", task_run_name="trial-{ref.number}", retries=0, cache_policy=NO_CACHE)
-def train_ingredient(
-    config: PipelineConfig, ref: TrialRef, params: dict[str, Any], inputs: FinetuneInputs
-) -> TrialOutcome:
-    """Fine-tune with the sampled params; a failure marks the MLflow run failed, registers nothing, re-raises."""
+def train_ingredient(config: PipelineConfig, ref: TrialRef, params: dict[str, Any], inputs: FinetuneInputs) -> None:
+    """One trial as a task of the sweep's process (``sweep.dispatch: local``)."""
+    run_trial(config, ref, params, inputs)
+
+
+def run_trial(config: PipelineConfig, ref: TrialRef, params: dict[str, Any], inputs: FinetuneInputs) -> None:
+    """The one trial function of both dispatches: fine-tune with the sampled params in an MLflow run, register
+    the ingredient, and tell the Optuna trial how it ended (COMPLETE with its outcome in user attrs, PRUNED, or
+    FAIL with a ``fail_reason``), so a sweep that dies meanwhile loses nothing. A failure marks the run failed,
+    registers nothing and re-raises."""
     client = client_for(config.tracking)
+    trial = open_trial(config.tracking.resolved_optuna_storage(), ref.study_name, ref.trial_id, config.sweep.pruning)
     tags = {
         PARENT_RUN_TAG: ref.parent_run_id,
         "kind": "ingredient",
         "study": ref.study_name,
         "trial_number": str(ref.number),
-        **run_context("tasks/trial.py:train_ingredient"),
+        **run_context("tasks/trial.py:run_trial"),
     }
-    with tracked_run(client, ref.experiment_id, f"trial-{ref.number}", tags, killed_by=(optuna.TrialPruned,)) as run_id:
-        return _train_and_register(client, run_id, config, ref, params, inputs)
+    try:
+        with tracked_run(
+            client, ref.experiment_id, f"trial-{ref.number}", tags, killed_by=(optuna.TrialPruned,)
+        ) as run_id:
+            trial.set_user_attr("mlflow_run_id", run_id)  # so a sweep can close this run if the process dies
+            value, version, seconds = _train_and_register(client, run_id, config, ref, trial, params, inputs)
+    except optuna.TrialPruned:
+        _tell_unless_ended(trial, TrialState.PRUNED)
+        raise
+    except BaseException as err:
+        fail_trial(trial, err)
+        raise
+    trial.set_user_attr("model_version", version)
+    trial.set_user_attr("train_function_seconds", seconds)
+    trial.study.tell(trial, value)
+
+
+def fail_trial(trial: optuna.Trial, err: BaseException) -> None:
+    """Tell FAIL with the error as the trial's ``fail_reason`` (unless a sweep already ended it)."""
+    if still_running(trial):
+        trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:1000])
+    _tell_unless_ended(trial, TrialState.FAIL)
+
+
+def _tell_unless_ended(trial: optuna.Trial, state: TrialState) -> None:
+    """Tell a trial's end unless a sweep already told one (e.g. it was interrupted, or found it stale)."""
+    if still_running(trial):
+        trial.study.tell(trial, state=state)
 
 
 def _train_and_register(
-    client, run_id: str, config: PipelineConfig, ref: TrialRef, params: dict[str, Any], inputs: FinetuneInputs
-) -> TrialOutcome:
+    client, run_id: str, config: PipelineConfig, ref: TrialRef, trial: optuna.Trial, params: dict[str, Any], inputs
+) -> tuple[float, str, float]:
+    """(held-out accuracy, registered version, seconds inside finetune()). The checkpoint is written on this
+    machine, uploaded to the run's artifacts and deleted: the artifact store keeps the only copy."""
     from soups.train import finetune
 
-    trial = open_trial(ref.storage, ref.study_name, ref.trial_id, config.sweep.pruning)
-    trial.set_user_attr("mlflow_run_id", run_id)  # so the next sweep can close this run if the process dies
     finetune_config = config.finetune_config(params)
     flat = {**flat_params(finetune_config.model_dump(mode="json")), **flat_params(params, "sampled.")}
     log_params(client, run_id, flat)
     _log_dataset(client, run_id, config, inputs)
-    checkpoint = ref.checkpoint_dir / f"{ref.study_name}-trial-{ref.number}.safetensors"
+    checkpoint = config.tracking.checkpoint_dir() / f"{ref.study_name}-trial-{ref.number}.safetensors"
     train_started = time.perf_counter()
     result = finetune(
         finetune_config,
@@ -97,8 +141,11 @@ def _train_and_register(
     for key, value in result.metrics.items():
         if key not in EPOCH_METRICS:  # those are curves already, ending at the last epoch: no step-0 repeat
             client.log_metric(run_id, key, value, step=finetune_config.train.epochs)
-    client.log_artifact(run_id, str(checkpoint), CHECKPOINT_ARTIFACT)
-    digest = sha256_of(checkpoint)
+    try:
+        client.log_artifact(run_id, str(checkpoint), CHECKPOINT_ARTIFACT)
+        digest = sha256_of(checkpoint)
+    finally:
+        checkpoint.unlink(missing_ok=True)
     if not still_running(trial):
         raise RuntimeError(f"trial {ref.number} was ended by the sweep while training; not registering it")
     tags = {
@@ -119,14 +166,7 @@ def _train_and_register(
             + f"; held-out accuracy {result.metrics['heldout_accuracy']:.4f} on the whole held-out split."
         ),
     )
-    return TrialOutcome(
-        number=ref.number,
-        value=result.metrics["heldout_accuracy"],
-        run_id=run_id,
-        version=str(version.version),
-        checkpoint=checkpoint,
-        train_function_seconds=train_seconds,
-    )
+    return result.metrics["heldout_accuracy"], str(version.version), train_seconds
 
 
 def _epoch_reporter(client, run_id: str, trial, ref: TrialRef, config: PipelineConfig, epochs: int):

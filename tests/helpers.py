@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -24,3 +25,11 @@ def write_ingredients(folder: Path, seeds: list[int], dtype: torch.dtype = torch
         Ingredient(save_state_dict(random_state_dict(s, dtype), folder / f"ingredient-{s}.safetensors"))
         for s in seeds
     ]
+
+
+def stack_folder() -> Path:
+    """A folder PostgreSQL can reach for `soups stack up --root`: run as root, it runs as the `postgres` user,
+    and pytest's own temporary folders are private to root."""
+    root = Path(tempfile.mkdtemp(prefix="soups-stack-"))
+    root.chmod(0o755)
+    return root

@@ -9,7 +9,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 from cli.main import main
 from deployments.stack import ENV_FILE, PASSWORD_VARIABLE, database_password, down, is_running, recorded
+from tests.helpers import stack_folder
 
 PLANTED = f"planted-secret-{secrets.token_hex(8)}"
 
@@ -25,14 +25,6 @@ PLANTED = f"planted-secret-{secrets.token_hex(8)}"
 def _soups_stack(*argv: str) -> int:
     """``soups stack ...`` through the real command line (errors are one line on stderr, exit code 2)."""
     return main(["stack", *argv])
-
-
-def _stack_folder() -> Path:
-    """A folder PostgreSQL can reach: run as root, it runs as the `postgres` user, and pytest's own temporary
-    folders are private to root."""
-    root = Path(tempfile.mkdtemp(prefix="soups-stack-"))
-    root.chmod(0o755)
-    return root
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -56,7 +48,7 @@ def _get(url: str) -> int:
 
 @pytest.fixture(scope="module")
 def stack():
-    root = _stack_folder() / "stack"
+    root = stack_folder() / "stack"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(PASSWORD_VARIABLE, PLANTED)
         try:
@@ -158,7 +150,7 @@ def test_down_stops_every_process_and_keeps_the_data(stack, capsys):
 def test_up_that_fails_names_the_service_and_leaves_nothing_running(failure, monkeypatch, capsys):
     """PostgreSQL and MLflow are running when the Prefect server fails: both are stopped again."""
     monkeypatch.delenv(PASSWORD_VARIABLE, raising=False)
-    root = _stack_folder() / "stack"
+    root = stack_folder() / "stack"
     taken = socket.socket()
     try:
         taken.bind(("127.0.0.1", 0))
@@ -186,7 +178,7 @@ def test_up_that_fails_names_the_service_and_leaves_nothing_running(failure, mon
 
 def test_a_wrong_password_is_refused_and_the_generated_one_kept(monkeypatch, capsys):
     monkeypatch.delenv(PASSWORD_VARIABLE, raising=False)
-    root = _stack_folder() / "stack"
+    root = stack_folder() / "stack"
     taken = socket.socket()
     try:
         taken.bind(("127.0.0.1", 0))

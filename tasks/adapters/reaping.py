@@ -69,7 +69,7 @@ def reap_ghosts(config: PipelineConfig, study: optuna.Study, client, experiment_
             continue  # a live sweep between two trials, or just started
         fail_run(client, run.info.run_id, reason)
         print(f"sweep run {run.info.run_id} marked FAILED: {reason}")
-    _remove_stale_temporaries((config.tracking.root / "checkpoints").resolve(), grace)
+    _remove_stale_temporaries(config.tracking.checkpoint_dir(), grace)
 
 
 def _remove_stale_temporaries(folder: Path, grace: float) -> None:

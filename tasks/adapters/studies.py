@@ -106,9 +106,14 @@ def open_study(config: PipelineConfig) -> optuna.Study:
     return study
 
 
-def open_trial(storage: str, study_name: str, trial_id: int, pruning: bool) -> optuna.Trial:
-    """A running trial reopened from plain ids (what a trial task on another machine has)."""
-    study = optuna.load_study(study_name=study_name, storage=storage_for(storage), pruner=make_pruner(pruning))
+def open_trial(
+    storage: str, study_name: str, trial_id: int, pruning: bool, heartbeat_seconds: int | None = None
+) -> optuna.Trial:
+    """A running trial reopened from plain ids (what a trial on another machine has); with ``heartbeat_seconds``
+    its study's storage records heartbeats (see `TrialHeartbeats`)."""
+    study = optuna.load_study(
+        study_name=study_name, storage=storage_for(storage, heartbeat_seconds), pruner=make_pruner(pruning)
+    )
     return optuna.Trial(study, trial_id)
 
 

@@ -1,0 +1,132 @@
+"""The pretrained start as a registered model version, so a trial on any machine can fine-tune it.
+
+A sweep that dispatches trials to workers uploads a local start once per sha256 as a version of
+``<experiment>-base`` and passes ``models:/<experiment>-base/<version>`` in the config. Each machine fetches
+that version into its cache folder named by the digest, checks the digest, and uses the cached copy from then
+on. Tags and hub names (open_clip pretrained tags) are left as they are: each machine resolves them itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from soups.config import PipelineConfig
+from soups.models import LOCAL_DIR_PREFIX
+from tasks.adapters.tracking import sha256_of, tracked_run
+
+START_ARTIFACT = "start"
+REGISTRY_PREFIX = "models:/"
+
+
+class StartChecksumError(RuntimeError):
+    """A fetched start differs from the digest it was registered with: never fine-tune from it."""
+
+
+def base_model_name(config: PipelineConfig) -> str:
+    return f"{config.experiment}-base"
+
+
+def digest_of(path: Path) -> str:
+    """sha256 of a file, or of a folder's sorted (relative name, file sha256) lines."""
+    if path.is_file():
+        return sha256_of(path)
+    lines = [f"{f.relative_to(path).as_posix()} {sha256_of(f)}\n" for f in sorted(path.rglob("*")) if f.is_file()]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _local_start(pretrained: str | None) -> Path | None:
+    """The file or folder a start names on this machine; None for tags, registry URIs and random init."""
+    if not pretrained or pretrained.startswith(REGISTRY_PREFIX):
+        return None
+    if pretrained.startswith(LOCAL_DIR_PREFIX):
+        return Path(pretrained.removeprefix(LOCAL_DIR_PREFIX)).expanduser().resolve()
+    path = Path(pretrained).expanduser()
+    return path.resolve() if path.is_file() else None
+
+
+def publish_start(config: PipelineConfig, client: MlflowClient, experiment_id: str) -> PipelineConfig:
+    """The config with a local start replaced by its ``<experiment>-base`` version, registered on first use of
+    each digest (a base run holds the file under ``start/``; the version is tagged with sha256, name, layout)."""
+    local = _local_start(config.model.pretrained)
+    if local is None:
+        return config
+    digest = digest_of(local)
+    name = base_model_name(config)
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(
+            name,
+            tags={"experiment": config.experiment},
+            description=f"Pretrained starts of experiment {config.experiment}, one version per sha256: what "
+            "trials on other machines fine-tune (models:/ URIs in their configs).",
+        )
+    known = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get("sha256") == digest]
+    if known:
+        version = min(known, key=lambda v: int(v.version))
+    else:
+        tags = {"kind": "base", "sha256": digest, "start": str(local)}
+        with tracked_run(client, experiment_id, f"base-{digest[:12]}", tags) as run_id:
+            if local.is_dir():
+                client.log_artifacts(run_id, str(local), f"{START_ARTIFACT}/{local.name}")
+            else:
+                client.log_artifact(run_id, str(local), START_ARTIFACT)
+        version = client.create_model_version(
+            name,
+            source=f"{client.get_run(run_id).info.artifact_uri}/{START_ARTIFACT}",
+            run_id=run_id,
+            tags={
+                "sha256": digest,
+                "path": local.name,
+                "layout": "local-dir" if local.is_dir() else "file",
+                "model_name": config.model.name,
+            },
+            description=f"{config.model.name} start from {local} (sha256 {digest}).",
+        )
+    uri = f"{REGISTRY_PREFIX}{name}/{version.version}"
+    print(f"pretrained start {local} is {uri} (sha256 {digest[:12]}…) for trials on any worker")
+    return config.with_pretrained(uri)
+
+
+def fetched_start(config: PipelineConfig, client: MlflowClient) -> PipelineConfig:
+    """The config with a ``models:/`` start replaced by this machine's verified copy (downloaded once per digest
+    into ``tracking.cache_dir``); any other start unchanged."""
+    uri = config.model.pretrained
+    if not uri or not uri.startswith(REGISTRY_PREFIX):
+        return config
+    name, _, version_number = uri.removeprefix(REGISTRY_PREFIX).rpartition("/")
+    version = client.get_model_version(name, version_number)
+    digest, local_name = version.tags["sha256"], version.tags["path"]
+    cached = config.tracking.resolved_cache_dir() / digest
+    if not cached.is_dir():
+        _download(client, version.run_id, local_name, digest, cached)
+    path = cached / local_name
+    return config.with_pretrained(f"{LOCAL_DIR_PREFIX}{path}" if path.is_dir() else str(path))
+
+
+def _download(client: MlflowClient, run_id: str, local_name: str, digest: str, cached: Path) -> None:
+    """Fetch into a private folder, check the digest, then rename it into place (concurrent fetches of one
+    digest on a machine each finish with one complete copy; a wrong copy is deleted and refused)."""
+    partial = cached.with_name(f".{digest}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        downloaded = Path(client.download_artifacts(run_id, f"{START_ARTIFACT}/{local_name}", str(partial)))
+        got = digest_of(downloaded)
+        if got != digest:
+            raise StartChecksumError(
+                f"the pretrained start of run {run_id} downloaded with sha256 {got}, registered {digest}: the "
+                "artifact store copy is damaged; register the start again (delete that version)"
+            )
+        (partial / "content").mkdir()
+        downloaded.rename(partial / "content" / local_name)
+        try:
+            (partial / "content").rename(cached)
+        except OSError:
+            if not cached.is_dir():  # another process won the race with an identical copy: keep that one
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

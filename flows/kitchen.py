@@ -32,7 +32,7 @@ def kitchen_flow(config: PipelineConfig) -> dict:
     with tracked_run(client, experiment_id, f"kitchen-{config.study_name}", tags) as run_id:
         log_context(client, run_id, config)
         workdir = (config.tracking.root / "kitchen" / run_id).resolve()
-        refs = gather_ingredients(config, workdir / "ingredients", run_id)
+        refs = gather_ingredients(config, run_id)
         client.log_param(run_id, "ingredient_versions", ",".join(r.version for r in refs))
         setup = prepare_cooking(config, workdir)
         candidates = score_ingredients_task(setup, refs)

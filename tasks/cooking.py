@@ -19,13 +19,12 @@ from pydantic import BaseModel
 from soups.checkpoint import Ingredient, weights_digest
 from soups.config import PipelineConfig, RecipeChoice
 from soups.cooking import Candidate, CookingSetup, cook_and_score, promotable, score_ingredients
+from tasks.adapters.cache import ChecksumMismatchError, cached_artifact
 from tasks.adapters.tracking import (
     CHECKPOINT_ARTIFACT,
     PARENT_RUN_TAG,
     client_for,
     ingredients_model_name,
-    local_artifact,
-    sha256_of,
     tracked_run,
 )
 
@@ -47,13 +46,10 @@ class IngredientRef(BaseModel):
         return Ingredient(self.checkpoint, score, self.name, {"version": self.version, "run_id": self.run_id})
 
 
-class ChecksumMismatchError(RuntimeError):
-    """A fetched checkpoint differs from what was registered: refuse to cook with it."""
-
-
 @task(name="gather-ingredients")
-def gather_ingredients(config: PipelineConfig, into: Path, run_id: str | None = None) -> list[IngredientRef]:
-    """Every registered version of the study (or the configured versions), downloaded and checksummed.
+def gather_ingredients(config: PipelineConfig, run_id: str | None = None) -> list[IngredientRef]:
+    """Every registered version of the study (or the configured versions), from this machine's cache by sha256
+    (downloaded and checked the first time, then reused by every kitchen run).
 
     A bad ingredient is skipped, not fatal: a version whose run did not finish (its process died between
     registering and finishing), whose checkpoint cannot be fetched, or whose copy fails its checksum. Each is
@@ -86,15 +82,11 @@ def gather_ingredients(config: PipelineConfig, into: Path, run_id: str | None = 
                 skipped[number] = f"its run {version.run_id} is {run.info.status}, not FINISHED ({why})"
             else:
                 artifact = f"{CHECKPOINT_ARTIFACT}/{version.tags['checkpoint']}"
-                path = local_artifact(client, version.run_id, artifact, into / number)
-                digest = sha256_of(path)
-                if digest == version.tags["sha256"]:
-                    refs.append(IngredientRef(version=number, run_id=version.run_id, checkpoint=path))
-                else:
-                    skipped[number] = (
-                        f"{ChecksumMismatchError.__name__}: {path} has sha256 {digest}, registered "
-                        f"{version.tags['sha256']}; the artifact store copy is damaged, re-run that trial"
-                    )
+                digest = version.tags["sha256"]
+                path = cached_artifact(client, version.run_id, artifact, digest, config.tracking.resolved_cache_dir())
+                refs.append(IngredientRef(version=number, run_id=version.run_id, checkpoint=path))
+        except ChecksumMismatchError as err:
+            skipped[number] = f"{type(err).__name__}: {err}; re-run that trial"
         except (MlflowException, OSError, KeyError) as err:
             skipped[number] = f"its checkpoint cannot be fetched: {type(err).__name__}: {' '.join(str(err).split())}"
         if number in skipped:

@@ -12,7 +12,8 @@ from mlflow import MlflowClient
 from cli.main import main
 from soups.config import load_config
 from soups.runtime import trial_slots
-from tasks.adapters.starts import StartChecksumError, digest_of, fetched_start, publish_start
+from tasks.adapters.cache import ChecksumMismatchError, digest_of
+from tasks.adapters.starts import fetched_start, publish_start
 from tasks.adapters.tracking import client_for, ensure_experiment
 
 
@@ -42,12 +43,18 @@ def test_a_published_start_is_fetched_once_per_machine_by_digest_and_verified(co
     stored = next(Path(config.tracking.root, "artifacts").rglob(pretrained_checkpoint.name))
     stored.write_bytes(b"damaged")
     assert fetched_start(elsewhere, client).model.pretrained == local.model.pretrained
+    assert Path(local.model.pretrained).read_bytes() == pretrained_checkpoint.read_bytes()
+
+    # A cached copy that changed is not used: it is fetched again, and here the store's copy is damaged too.
+    Path(local.model.pretrained).write_bytes(b"tampered")
+    with pytest.raises(ChecksumMismatchError):
+        fetched_start(elsewhere, client)
 
     # A damaged copy is refused on a machine without the cache, and leaves no partial copy behind.
     third = portable.model_copy(
         update={"tracking": portable.tracking.model_copy(update={"cache_dir": tmp_path / "third-machine"})}
     )
-    with pytest.raises(StartChecksumError, match=f"registered {digest}"):
+    with pytest.raises(ChecksumMismatchError, match=f"registered {digest}"):
         fetched_start(third, client)
     assert list((tmp_path / "third-machine").iterdir()) == []
     assert client.get_run(run_id).data.tags["sha256"] == digest

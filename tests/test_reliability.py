@@ -325,7 +325,7 @@ def test_the_kitchen_skips_bad_ingredients_naming_each_and_fails_below_two(tmp_p
     register(5, "FAILED", reason="process died: trial 5 had no heartbeat for more than 120s")
     kitchen_run = client.create_run(experiment_id, tags={"kind": "kitchen"}).info.run_id
 
-    refs = gather_ingredients.fn(config, tmp_path / "gathered", kitchen_run)
+    refs = gather_ingredients.fn(config, kitchen_run)
 
     assert [r.version for r in refs] == ["1", "4"]
     out = capsys.readouterr().out
@@ -339,7 +339,7 @@ def test_the_kitchen_skips_bad_ingredients_naming_each_and_fails_below_two(tmp_p
         update={"kitchen": config.kitchen.model_copy(update={"ingredient_versions": [1, 2, 3]})}
     )
     with pytest.raises(ValueError) as caught:
-        gather_ingredients.fn(two_bad, tmp_path / "again")
+        gather_ingredients.fn(two_bad)
     message = str(caught.value)
     assert "only 1 usable ingredient(s)" in message and "(versions: 1)" in message
     assert "version 2: ChecksumMismatchError" in message and "version 3: its run" in message

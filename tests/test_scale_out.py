@@ -273,3 +273,17 @@ def _trial_training_on(root: Path, worker: str, tracking: dict, timeout: float):
                 return trial
         time.sleep(0.5)
     raise AssertionError(f"no trial started training on {worker} within {timeout}s")
+
+
+def test_the_database_password_is_in_no_file_log_mlflow_param_or_tag_or_prefect_parameter(stack):
+    """Every stage above ran with the password in the environment only: grep everything the stack stored."""
+    leaks = [p for p in stack.rglob("*") if p.is_file() and PASSWORD.encode() in p.read_bytes()]
+    assert leaks == []  # the servers' and workers' logs (with every flow run's log), records, artifacts, cache
+    client = MlflowClient(tracking_uri=_tracking(stack)["mlflow_uri"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    assert len(runs) > 20
+    assert not [r.info.run_id for r in runs if PASSWORD in json.dumps([r.data.params, r.data.tags])]
+    with _prefect(stack) as prefect_client:
+        flow_runs = prefect_client.read_flow_runs(limit=200)
+        assert len(flow_runs) > 10
+        assert not [f.name for f in flow_runs if PASSWORD in json.dumps(f.parameters, default=str)]

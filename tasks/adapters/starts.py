@@ -8,35 +8,21 @@ on. Tags and hub names (open_clip pretrained tags) are left as they are: each ma
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 from pathlib import Path
 
 from mlflow import MlflowClient
 
 from soups.config import PipelineConfig
 from soups.models import LOCAL_DIR_PREFIX
-from tasks.adapters.tracking import sha256_of, tracked_run
+from tasks.adapters.cache import cached_artifact, digest_of
+from tasks.adapters.tracking import tracked_run
 
 START_ARTIFACT = "start"
 REGISTRY_PREFIX = "models:/"
 
 
-class StartChecksumError(RuntimeError):
-    """A fetched start differs from the digest it was registered with: never fine-tune from it."""
-
-
 def base_model_name(config: PipelineConfig) -> str:
     return f"{config.experiment}-base"
-
-
-def digest_of(path: Path) -> str:
-    """sha256 of a file, or of a folder's sorted (relative name, file sha256) lines."""
-    if path.is_file():
-        return sha256_of(path)
-    lines = [f"{f.relative_to(path).as_posix()} {sha256_of(f)}\n" for f in sorted(path.rglob("*")) if f.is_file()]
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def _local_start(pretrained: str | None) -> Path | None:
@@ -100,33 +86,6 @@ def fetched_start(config: PipelineConfig, client: MlflowClient) -> PipelineConfi
     name, _, version_number = uri.removeprefix(REGISTRY_PREFIX).rpartition("/")
     version = client.get_model_version(name, version_number)
     digest, local_name = version.tags["sha256"], version.tags["path"]
-    cached = config.tracking.resolved_cache_dir() / digest
-    if not cached.is_dir():
-        _download(client, version.run_id, local_name, digest, cached)
-    path = cached / local_name
+    cache_dir = config.tracking.resolved_cache_dir()
+    path = cached_artifact(client, version.run_id, f"{START_ARTIFACT}/{local_name}", digest, cache_dir)
     return config.with_pretrained(f"{LOCAL_DIR_PREFIX}{path}" if path.is_dir() else str(path))
-
-
-def _download(client: MlflowClient, run_id: str, local_name: str, digest: str, cached: Path) -> None:
-    """Fetch into a private folder, check the digest, then rename it into place (concurrent fetches of one
-    digest on a machine each finish with one complete copy; a wrong copy is deleted and refused)."""
-    partial = cached.with_name(f".{digest}.{os.getpid()}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        downloaded = Path(client.download_artifacts(run_id, f"{START_ARTIFACT}/{local_name}", str(partial)))
-        got = digest_of(downloaded)
-        if got != digest:
-            raise StartChecksumError(
-                f"the pretrained start of run {run_id} downloaded with sha256 {got}, registered {digest}: the "
-                "artifact store copy is damaged; register the start again (delete that version)"
-            )
-        (partial / "content").mkdir()
-        downloaded.rename(partial / "content" / local_name)
-        try:
-            (partial / "content").rename(cached)
-        except OSError:
-            if not cached.is_dir():  # another process won the race with an identical copy: keep that one
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)

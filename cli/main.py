@@ -131,7 +131,10 @@ def _print_summary(config, kitchen: dict, seconds: float) -> None:
 def serve_command(args: argparse.Namespace) -> None:
     """``mlflow models serve`` of the promoted model from this project's environment, activated or not: MLflow
     starts uvicorn by name, so the interpreter's own bin folder goes first on PATH (without it: exit 127)."""
+    from tasks.adapters.tracking import ensure_experiment
+
     config = config_from(args)
+    ensure_experiment(config)  # opens the store where it is now (a moved root's locations follow it)
     model = f"models:/{config.experiment}@{args.alias}"
     bin_dir = str(Path(sys.executable).parent)
     env = {

@@ -80,11 +80,12 @@ def init_postgres(root: Path, host: str, password: str) -> None:
 
 def start_postgres(root: Path, host: str, port: int, timeout: float) -> Service:
     """``pg_ctl start`` on ``host:port`` only (no Unix socket: the folder may be shared), waiting until it
-    accepts connections."""
+    accepts connections. Room for 400 clients: the MLflow and Prefect servers keep pools, and every trial
+    process opens Optuna storages of its own (PostgreSQL's default of 100 runs out with a few workers)."""
     data, log = root / "postgres", root / "postgres.log"
     log.touch()
     _own(log)
-    options = f"-p {port} -h {host} -k ''"
+    options = f"-p {port} -h {host} -k '' -c max_connections=400"
     pg_ctl = [tool_path("pg_ctl", "postgres"), "start", "-D", str(data), "-l", str(log), "-o", options]
     _pg_run([*pg_ctl, "-w", "-t", str(int(timeout))], data, log=log)
     pid = int((data / "postmaster.pid").read_text().split()[0])

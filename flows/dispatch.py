@@ -15,6 +15,7 @@ from soups.runtime import available_cores, trial_slots
 from soups.train import FinetuneInputs
 from tasks.adapters.studies import TrialHeartbeats, fail_stale_trials, still_running
 from tasks.adapters.tracking import fail_run
+from tasks.context import crash_flow_runs
 from tasks.trial import TrialRef, fail_trial, train_ingredient
 
 
@@ -163,15 +164,13 @@ class DeployedTrials:
     def _fail_lost_trials(self) -> None:
         """Trials whose heartbeat stopped (their worker was lost) are failed, their runs closed, their flow runs
         marked Crashed; the next `wait` reports them."""
-        from prefect.states import Crashed
-
         for number, reason in fail_stale_trials(self._study).items():
             if number not in self._running:
                 continue
             trial, flow_run_id, _ = self._running[number]
             print(f"trial {number} failed: {reason}")
             self._close_run(trial, reason)
-            self._prefect.set_flow_run_state(flow_run_id, Crashed(message=reason), force=True)
+            crash_flow_runs({str(flow_run_id): reason})
 
     def _close_run(self, trial: optuna.Trial, reason: str) -> None:
         run_id = self._study._storage.get_trial(trial._trial_id).user_attrs.get("mlflow_run_id")

@@ -18,7 +18,7 @@ from tasks.adapters.reaping import reap_ghosts
 from tasks.adapters.starts import publish_start
 from tasks.adapters.studies import TrialHeartbeats, open_study, sample_params
 from tasks.adapters.tracking import client_for, ensure_experiment, log_context, tracked_run
-from tasks.context import run_context
+from tasks.context import crash_flow_runs, run_context
 from tasks.trial import TrialOutcome, TrialRef, fail_trial
 
 
@@ -36,7 +36,7 @@ def sweep_flow(config: PipelineConfig) -> dict:
     experiment_id = ensure_experiment(config)
     study = open_study(config)
     client = client_for(config.tracking)
-    reap_ghosts(config, study, client, experiment_id)
+    crash_flow_runs(reap_ghosts(config, study, client, experiment_id))
     tags = {"kind": "sweep", "study": config.study_name, **run_context("flows/sweep.py:sweep_flow")}
     with tracked_run(client, experiment_id, f"sweep-{config.study_name}", tags) as parent_run_id:
         log_context(client, parent_run_id, config)

@@ -7,6 +7,8 @@ import subprocess
 from functools import cache
 from pathlib import Path
 
+from tasks.adapters.tracking import FLOW_RUN_TAG
+
 CHECKOUT = Path(__file__).resolve().parents[1]
 
 
@@ -15,7 +17,7 @@ def run_context(entry_point: str) -> dict[str, str]:
     from prefect.runtime import flow_run
 
     tags = {
-        "prefect.flow_run_id": str(flow_run.id or ""),
+        FLOW_RUN_TAG: str(flow_run.id or ""),
         "prefect.flow_run_name": flow_run.name or "",
         "prefect.flow_run_url": flow_run.ui_url or "",
         "mlflow.source.type": "JOB",
@@ -35,3 +37,29 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return result.stdout.strip()
+
+
+def crash_flow_runs(dead: dict[str, str]) -> None:
+    """Mark Crashed the flow runs (and their task runs) still RUNNING whose process is known dead (``dead``: id
+    -> reason): Prefect does not notice a SIGKILLed process by itself, so they would stay Running forever.
+    Flow runs this server does not know (another server's) are left alone."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        for flow_run_id, reason in dead.items():
+            try:
+                state = client.read_flow_run(flow_run_id).state
+            except (ObjectNotFound, ValueError):
+                continue
+            if state is None or state.is_final():
+                continue
+            client.set_flow_run_state(flow_run_id, Crashed(message=reason), force=True)
+            running = TaskRunFilter(state=TaskRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))
+            only = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            for task_run in client.read_task_runs(flow_run_filter=only, task_run_filter=running):
+                client.set_task_run_state(task_run.id, Crashed(message=reason), force=True)
+            print(f"Prefect flow run {flow_run_id} marked Crashed: {reason}")

@@ -4,6 +4,8 @@ nothing the second time."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
@@ -46,12 +48,48 @@ def promote(
     setup: CookingSetup,
     workdir: Path,
 ) -> PromotionDecision:
-    metric = config.kitchen.promotion_metric
     if not candidates:
         raise NothingToPromoteError(
             f"no single-model candidates to promote (recipes: {config.kitchen.recipe_names()}); an ensemble is not one "
             "model: add 'best', 'uniform', 'greedy' or a learned soup to kitchen.recipes"
         )
+    with promotion_lock(config):
+        return _promote(config, kitchen_run_id, candidates, setup, workdir)
+
+
+@contextmanager
+def promotion_lock(config: PipelineConfig) -> Iterator[None]:
+    """One promotion of a model at a time, so two kitchens finishing together each compare against the champion
+    the other may just have set (read, compare and move the alias as one step). A file lock in the data root
+    when MLflow is the root's own database; otherwise a global concurrency limit of one on the Prefect server
+    every machine shares (a lease: a holder that dies releases it)."""
+    name = f"promote-{config.experiment}"
+    if config.tracking.mlflow_uri is None or config.tracking.mlflow_uri.startswith(("sqlite:", "file:")):
+        from filelock import FileLock
+
+        config.tracking.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(config.tracking.root / f".{name}.lock")):
+            yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as prefect, suppress(ObjectAlreadyExists):
+        prefect.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    with concurrency(name, occupy=1, strict=True):
+        yield
+
+
+def _promote(
+    config: PipelineConfig,
+    kitchen_run_id: str,
+    candidates: list[RegisteredCandidate],
+    setup: CookingSetup,
+    workdir: Path,
+) -> PromotionDecision:
+    metric = config.kitchen.promotion_metric
     client = client_for(config.tracking)
     name = config.experiment
     champion = _alias(client, name, CHAMPION)

@@ -261,9 +261,10 @@ def test_a_worker_lost_mid_trial_fails_that_trial_registers_nothing_of_it_and_th
 def _trial_training_on(root: Path, worker: str, tracking: dict, timeout: float):
     """A trial of study lost-worker that ``worker`` took and that has started training (its MLflow run exists)."""
     deadline = time.monotonic() + timeout
+    storage = optuna.storages.RDBStorage(tracking["optuna_storage"])  # one connection pool for the whole wait
     while time.monotonic() < deadline:
         try:
-            study = optuna.load_study(study_name="lost-worker", storage=tracking["optuna_storage"])
+            study = optuna.load_study(study_name="lost-worker", storage=storage)
         except KeyError:  # not created yet
             time.sleep(1)
             continue

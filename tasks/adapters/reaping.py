@@ -11,14 +11,16 @@ import optuna
 
 from soups.config import PipelineConfig
 from tasks.adapters.studies import fail_stale_trials, grace_seconds
-from tasks.adapters.tracking import fail_run
+from tasks.adapters.tracking import FLOW_RUN_TAG, fail_run
 
 
-def reap_ghosts(config: PipelineConfig, study: optuna.Study, client, experiment_id: str) -> None:
+def reap_ghosts(config: PipelineConfig, study: optuna.Study, client, experiment_id: str) -> dict[str, str]:
     """Close what sweeps killed mid-way (SIGKILL, OOM, a lost machine) left behind, so nothing stays RUNNING:
     trials with no heartbeat for the grace period are told FAIL; the MLflow runs of ended trials still RUNNING
     and sweep runs left RUNNING whose trials all ended become FAILED with a ``failure_reason``; checkpoint
-    temporaries older than the grace period are deleted. Live sweeps (heartbeats, recent activity) are left."""
+    temporaries older than the grace period are deleted. Live sweeps (heartbeats, recent activity) are left.
+    Returns the Prefect flow runs those runs came from (id -> reason): their process is gone too."""
+    dead_flow_runs: dict[str, str] = {}
     grace = grace_seconds(config.sweep.heartbeat_seconds)
     reasons = fail_stale_trials(study)
     for number, reason in sorted(reasons.items()):
@@ -44,6 +46,7 @@ def reap_ghosts(config: PipelineConfig, study: optuna.Study, client, experiment_
         )
         fail_run(client, run.info.run_id, reason)
         print(f"MLflow run {run.info.run_id} of trial {trial.number} marked FAILED: {reason}")
+        _note_flow_run(dead_flow_runs, run, reason)
     for trial in trials:
         if "sweep_run_id" in trial.user_attrs:
             trial_runs.setdefault(trial.user_attrs["sweep_run_id"], []).append(trial.number)
@@ -69,7 +72,16 @@ def reap_ghosts(config: PipelineConfig, study: optuna.Study, client, experiment_
             continue  # a live sweep between two trials, or just started
         fail_run(client, run.info.run_id, reason)
         print(f"sweep run {run.info.run_id} marked FAILED: {reason}")
+        _note_flow_run(dead_flow_runs, run, reason)
     _remove_stale_temporaries(config.tracking.checkpoint_dir(), grace)
+    return dead_flow_runs
+
+
+def _note_flow_run(dead: dict[str, str], run, reason: str) -> None:
+    """The Prefect flow run an MLflow run was made in (its ``prefect.flow_run_id`` tag), if any."""
+    flow_run_id = run.data.tags.get(FLOW_RUN_TAG)
+    if flow_run_id:
+        dead.setdefault(flow_run_id, reason)
 
 
 def _remove_stale_temporaries(folder: Path, grace: float) -> None:

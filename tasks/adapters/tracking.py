@@ -17,6 +17,8 @@ from mlflow.exceptions import MlflowException
 from soups.config import PipelineConfig, TrackingConfig
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
+FLOW_RUN_TAG = "prefect.flow_run_id"
+"""The Prefect flow run an MLflow run was made in (set by tasks.context.run_context)."""
 _TAG_LIMIT = 5000
 
 
@@ -160,6 +162,9 @@ def ensure_experiment(config: PipelineConfig) -> str:
     with stores_lock(config.tracking):
         try:
             check_schema(uri)
+            from tasks.adapters.relocation import relocate_root
+
+            relocate_root(config.tracking)  # a moved or copied local root: its stored locations follow it
             return _ensure_experiment(config)
         except ImportError as err:
             if err.name not in DRIVER_PACKAGES:

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from cli.main import main
 from soups.config import ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Trials that learn nothing (and so never diverge), fast or slow by their epochs.
 STILL = "space={lr: {kind: loguniform, low: 1.0e-9, high: 2.0e-9}}"
 
@@ -188,10 +188,19 @@ def test_a_killed_sweep_is_reaped_by_the_next_and_leaves_no_server(tmp_path):
     assert not client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'"), "no ghost runs"
     assert not leftover.exists() and kept.exists(), "only stale temporaries are removed"
 
+    # Prefect's record (the root's own Prefect database): the killed sweep's flow run and task runs are Crashed.
+    with contextlib.closing(sqlite3.connect(root / "prefect" / "prefect.db")) as prefect_db:
+        flow_runs = dict(prefect_db.execute("SELECT id, state_type FROM flow_run").fetchall())
+        task_runs = [state for (state,) in prefect_db.execute("SELECT state_type FROM task_run").fetchall()]
+    assert flow_runs[killed_sweep.data.tags["prefect.flow_run_id"]] == "CRASHED"
+    assert "RUNNING" not in set(flow_runs.values()) | set(task_runs), "no ghost flow or task runs"
 
-def test_sweeps_started_together_on_a_fresh_root_both_finish(tmp_path):
+
+def test_two_sweeps_on_one_fresh_study_run_forty_trials_four_at_a_time_and_lose_or_repeat_none(tmp_path):
+    """Started together on a fresh root (the stores are created under a file lock), each with 4 trials in
+    flight on the default SQLite backends: every trial ends once, COMPLETE, registered once."""
     root = tmp_path / "data"
-    command = _sweep(root, "sweep.n_trials=2", "train.epochs=1", STILL)
+    command = _sweep(root, "sweep.n_trials=20", "sweep.parallel=4", "train.epochs=1", STILL)
     both = [
         subprocess.Popen(
             command,
@@ -205,17 +214,22 @@ def test_sweeps_started_together_on_a_fresh_root_both_finish(tmp_path):
         for _ in range(2)
     ]
     try:
-        outputs = [process.communicate(timeout=300)[0] for process in both]
+        outputs = [process.communicate(timeout=900)[0] for process in both]
     finally:
         for process in both:
             _kill_group(process)
     for process, output in zip(both, outputs, strict=True):
         assert process.returncode == 0, output[-3000:]
         assert "database is locked" not in output and "Traceback" not in output, output[-3000:]
-        assert "2 trials finished, 0 failed or pruned" in output
-    assert [t.state for t in _study(root).trials] == [TrialState.COMPLETE] * 4
+        assert "20 trials finished, 0 failed or pruned" in output
+    trials = _study(root).trials
+    assert sorted(t.number for t in trials) == list(range(40))
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 40
     versions = _client(root).search_model_versions("name='digits-soups-ingredients'")
-    assert len(versions) == 4
+    assert sorted(int(v.tags["trial_number"]) for v in versions) == list(range(40))
+    assert len({v.run_id for v in versions}) == 40
+    experiment = _client(root).get_experiment_by_name("digits-soups")
+    assert not _client(root).search_runs([experiment.experiment_id], "attributes.status != 'FINISHED'")
 
 
 # ------------------------------------------------------------------------------------------ one line

@@ -44,7 +44,13 @@ def crash_flow_runs(dead: dict[str, str]) -> None:
     -> reason): Prefect does not notice a SIGKILLed process by itself, so they would stay Running forever.
     Flow runs this server does not know (another server's) are left alone."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterStateType
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
@@ -58,7 +64,8 @@ def crash_flow_runs(dead: dict[str, str]) -> None:
             if state is None or state.is_final():
                 continue
             client.set_flow_run_state(flow_run_id, Crashed(message=reason), force=True)
-            running = TaskRunFilter(state=TaskRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))
+            live = TaskRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
+            running = TaskRunFilter(state=TaskRunFilterState(type=live))
             only = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
             for task_run in client.read_task_runs(flow_run_filter=only, task_run_filter=running):
                 client.set_task_run_state(task_run.id, Crashed(message=reason), force=True)

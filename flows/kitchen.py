@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 
 from prefect import flow
+from prefect.artifacts import create_link_artifact
 
 from soups.config import PipelineConfig
 from soups.cooking import prepare_cooking
 from soups.pretrain import with_resolved_start
 from soups.recipes import get_recipe
-from tasks.adapters.tracking import client_for, ensure_experiment, log_context, tracked_run
+from tasks.adapters.tracking import client_for, ensure_experiment, log_context, log_dataset_input, run_url, tracked_run
 from tasks.context import run_context
 from tasks.cooking import (
     cook_task,
@@ -19,6 +20,7 @@ from tasks.cooking import (
     log_kitchen_report,
     register_candidates,
     score_ingredients_task,
+    tag_ingredient_scores,
 )
 from tasks.promotion import promote
 
@@ -35,7 +37,11 @@ def kitchen_flow(config: PipelineConfig) -> dict:
         refs = gather_ingredients(config, run_id)
         client.log_param(run_id, "ingredient_versions", ",".join(r.version for r in refs))
         setup = prepare_cooking(config, workdir)
+        for split, images in setup.evaluator.splits.items():
+            log_dataset_input(client, run_id, config, split, images.labels, "evaluation")
+        create_link_artifact(run_url(config.tracking, client, run_id), f"MLflow run kitchen-{config.study_name}")
         candidates = score_ingredients_task(setup, refs)
+        tag_ingredient_scores(config, run_id, refs, candidates)
         heldout_scores = {c.name: c.scores["heldout"] for c in candidates}
         skipped = {}
         for choice in config.kitchen.recipes:

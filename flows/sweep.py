@@ -6,7 +6,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from prefect import flow
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dispatch import DeployedTrials, LocalTrials, Trials
@@ -17,7 +17,7 @@ from soups.train import prepare_finetune
 from tasks.adapters.reaping import reap_ghosts
 from tasks.adapters.starts import publish_start
 from tasks.adapters.studies import TrialHeartbeats, open_study, sample_params
-from tasks.adapters.tracking import client_for, ensure_experiment, log_context, tracked_run
+from tasks.adapters.tracking import client_for, ensure_experiment, log_context, run_url, tracked_run
 from tasks.context import crash_flow_runs, run_context
 from tasks.trial import TrialOutcome, TrialRef, fail_trial
 
@@ -40,6 +40,7 @@ def sweep_flow(config: PipelineConfig) -> dict:
     tags = {"kind": "sweep", "study": config.study_name, **run_context("flows/sweep.py:sweep_flow")}
     with tracked_run(client, experiment_id, f"sweep-{config.study_name}", tags) as parent_run_id:
         log_context(client, parent_run_id, config)
+        create_link_artifact(run_url(config.tracking, client, parent_run_id), f"MLflow run sweep-{config.study_name}")
         with TrialHeartbeats(study) as heartbeats:
             if config.sweep.dispatch == "deployment":
                 config = _portable(config, client, experiment_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator, Mapping, Sequence
@@ -84,22 +85,51 @@ def read_header(path: Path) -> dict[str, TensorSpec]:
                     f"{path}: header length {header_len} exceeds the file; truncated or not safetensors"
                 )
             raw = json.loads(f.read(header_len))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"{path}: unreadable safetensors header ({err}); re-export the checkpoint") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(
+            f"{path}: unreadable safetensors header (a JSON {type(raw).__name__}, not an object of tensors); "
+            "re-export the checkpoint"
+        )
     raw.pop("__metadata__", None)
     specs: dict[str, TensorSpec] = {}
     data_end = 0
     for key, entry in raw.items():
-        if entry["dtype"] not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
-        specs[key] = TensorSpec(entry["dtype"], tuple(entry["shape"]))
-        data_end = max(data_end, entry["data_offsets"][1])
+        specs[key], end = _tensor_entry(path, key, entry)
+        data_end = max(data_end, end)
     if 8 + header_len + data_end > size:
         raise CheckpointError(
             f"{path}: truncated: header promises {8 + header_len + data_end} bytes, file has {size}; "
             "the copy or download was interrupted, fetch it again"
         )
     return specs
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_entry(path: Path, key: str, entry: object) -> tuple[TensorSpec, int]:
+    """One header entry's spec and where its bytes end, checked field by field so a damaged header is a
+    CheckpointError naming the tensor, never a KeyError or TypeError from deep inside the reader."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: tensor {key!r} has no dtype, shape and data_offsets; damaged header")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype!r:.40}")
+    if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
+        raise CheckpointError(f"{path}: tensor {key!r} has shape {shape!r:.60}, not a list of sizes; damaged header")
+    pair = isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+    if not pair or offsets[0] > offsets[1]:
+        raise CheckpointError(f"{path}: tensor {key!r} has data_offsets {offsets!r:.60}, not [begin, end]; damaged")
+    needed = math.prod(shape) * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+    if offsets[1] - offsets[0] != needed:
+        raise CheckpointError(
+            f"{path}: tensor {key!r} spans {offsets[1] - offsets[0]} bytes, its {dtype} shape {shape} needs {needed}; "
+            "damaged header"
+        )
+    return TensorSpec(dtype, tuple(shape)), offsets[1]
 
 
 def check_compatible(paths: Sequence[Path]) -> dict[str, TensorSpec]:
@@ -143,7 +173,8 @@ def iter_tensors(path: Path, keys: Sequence[str] | None = None) -> Iterator[tupl
             for key in keys if keys is not None else f.keys():
                 yield key, f.get_tensor(key)
     except SafetensorError as err:
-        raise CheckpointError(f"{path}: cannot read tensors ({err}); the file is damaged, fetch it again") from err
+        problem = " ".join(str(err).split())
+        raise CheckpointError(f"{path}: cannot read tensors ({problem}); the file is damaged, fetch it again") from err
 
 
 def weights_digest(path: Path) -> str:

@@ -8,8 +8,9 @@ from __future__ import annotations
 from itertools import product
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -171,8 +172,8 @@ class Distribution(_Section):
     did for label smoothing and mixup."""
 
     kind: Literal["loguniform", "uniform", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
+    low: float | None = Field(None, allow_inf_nan=False)
+    high: float | None = Field(None, allow_inf_nan=False)
     choices: list[float | int | str] | None = None
     or_zero: bool = False
 
@@ -335,6 +336,18 @@ class TrackingConfig(_Section):
     def resolved_optuna_storage(self) -> str:
         return self.optuna_storage or f"sqlite:///{(self.root / 'optuna.db').resolve()}"
 
+    @field_validator("mlflow_uri", "optuna_storage")
+    @classmethod
+    def _no_password(cls, uri: str | None, info: Any) -> str | None:
+        """A config is logged, tracked and stored as Prefect flow-run parameters: no secret may be in it."""
+        if uri and "://" in uri and urlsplit(uri).password is not None:
+            raise ValueError(
+                f"tracking.{info.field_name} has a password in it; a config is logged, tracked and stored as Prefect "
+                "parameters, so remove ':<password>' from the URL and export it instead: PGPASSWORD (PostgreSQL), "
+                "MYSQL_PWD (MySQL), MLFLOW_TRACKING_PASSWORD (an MLflow server)"
+            )
+        return uri
+
     def checkpoint_dir(self) -> Path:
         """Where fine-tunes on this machine write checkpoints before uploading them to the artifact store."""
         return (self.root / "checkpoints").resolve()
@@ -458,16 +471,26 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Pipe
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; pass an existing YAML file or none for the defaults")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+            text = path.read_bytes()  # bytes: PyYAML decodes UTF-8/16 itself and reports bad encodings as YAML errors
+        except OSError as err:
+            raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from err
+        # Besides YAMLError, PyYAML leaks ValueError (2001-02-30), KeyError (!!bool maybe), AttributeError
+        # (!!timestamp x) and RecursionError (deep nesting): each means the file is not YAML the config can use.
+        try:
+            raw = yaml.safe_load(text) or {}
+        except Exception as err:
+            raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(err)}") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (experiment, model, data, …)")
     for dotted, value in (overrides or {}).items():
         section = raw
         *parents, leaf = dotted.split(".")
-        for parent in parents:
+        for depth, parent in enumerate(parents, 1):
             section = section.setdefault(parent, {})
+            if not isinstance(section, dict):
+                where = ".".join(parents[:depth])
+                found = "null" if section is None else _one_line(repr(section))[:40]
+                raise ConfigError(f"cannot set {dotted}: {where} is {found}, not a mapping of fields")
         section[leaf] = value
     try:
         return PipelineConfig.model_validate(raw)
@@ -476,8 +499,32 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Pipe
 
 
 def _describe(err) -> str:
+    """One line per problem: the field's dotted path and what is wrong with it."""
     lines = []
     for problem in err.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        lines.append(f"  {where}: {problem['msg']}")
+        where = ".".join(_one_line(str(part)) for part in problem["loc"]) or "(top level)"
+        lines.append(f"  {where}: {_one_line(problem['msg'])}")
     return "\n".join(lines)
+
+
+def _one_line(text: str) -> str:
+    """Text as it is when it is printable on one line; escaped otherwise (a key holding a newline, say)."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def _yaml_problem(err: Exception) -> str:
+    """PyYAML's error on one line: what it found and where, without its multi-line excerpt of the file."""
+    import yaml
+
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    if isinstance(err, yaml.MarkedYAMLError) and mark is not None:
+        what = "; ".join(_one_line(part) for part in (err.context, err.problem) if part) or type(err).__name__
+        return f"{what} (line {mark.line + 1}, column {mark.column + 1})"
+    if isinstance(err, yaml.reader.ReaderError) and isinstance(err.character, int):
+        return f"character #x{err.character:04x} at position {err.position}: {err.reason}"
+    if isinstance(err, RecursionError):
+        return "nested too deeply to read"
+    text = _one_line(" ".join(str(err).split()))
+    if isinstance(err, yaml.YAMLError):
+        return text or type(err).__name__
+    return f"a value cannot be read ({type(err).__name__}: {text})"

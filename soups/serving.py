@@ -52,6 +52,10 @@ def load_packaged(weights: Path, spec_path: Path, device: str = "cpu") -> tuple[
     return classifier.eval(), spec
 
 
+PREDICTED = "predicted_class"
+"""The served model's first output column: the most probable class's name (then one column per class)."""
+
+
 @torch.inference_mode()
 def predict_proba(classifier: ClipClassifier, spec: ClassifierSpec, images: np.ndarray) -> np.ndarray:
     """Class probabilities for a batch of uint8 RGB images [B, H, W, 3] at the model's resolution."""

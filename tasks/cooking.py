@@ -25,6 +25,7 @@ from tasks.adapters.tracking import (
     PARENT_RUN_TAG,
     client_for,
     ingredients_model_name,
+    run_url,
     tracked_run,
 )
 
@@ -128,6 +129,22 @@ def cook_task(
     return candidates
 
 
+@task(name="tag-ingredients", cache_policy=NO_CACHE)
+def tag_ingredient_scores(
+    config: PipelineConfig, kitchen_run_id: str, refs: list[IngredientRef], candidates: list[Candidate]
+) -> None:
+    """Each ingredient version tagged with this kitchen's scores, ``kitchen.<metric>``: ``kitchen.heldout`` is
+    the scoring part of held-out (the leaderboard's column), beside the trial's own ``heldout_accuracy`` tag on
+    the whole held-out split; ``kitchen.run_id`` says which kitchen measured them."""
+    client = client_for(config.tracking)
+    model = ingredients_model_name(config)
+    scores = {c.name: c.scores for c in candidates}
+    for ref in refs:
+        for metric, value in scores[ref.name].items():
+            client.set_model_version_tag(model, ref.version, f"kitchen.{metric}", f"{value:.4f}")
+        client.set_model_version_tag(model, ref.version, "kitchen.run_id", kitchen_run_id)
+
+
 @task(name="log-kitchen-report", cache_policy=NO_CACHE)
 def log_kitchen_report(
     config: PipelineConfig, run_id: str, candidates: list[Candidate], setup: CookingSetup, workdir: Path
@@ -154,7 +171,8 @@ def log_kitchen_report(
     create_table_artifact(
         board.round(4).to_dict("records"),
         key=f"{config.experiment.lower()}-leaderboard",
-        description=f"Soup leaderboard of study {config.study_name}",
+        description=f"Soup leaderboard of study {config.study_name}; the kitchen's MLflow run: "
+        f"{run_url(config.tracking, client, run_id)}",
     )
     figures = {
         "accuracy_vs_shift.png": accuracy_vs_shift_figure(board),

@@ -15,11 +15,11 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from soups.checkpoint import load_state_dict
-from soups.config import PipelineConfig
+from soups.config import PipelineConfig, TrackingConfig
 from soups.cooking import CookingSetup, selection_key
 from soups.evaluate import Report
 from tasks.adapters.packaging import download_model_weights
-from tasks.adapters.tracking import client_for
+from tasks.adapters.tracking import client_for, ui_url
 from tasks.cooking import RegisteredCandidate
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -129,7 +129,7 @@ def _promote(
         outcome=outcome,
         margin=margin_note(metric, best, rival),
     )
-    _log(client, kitchen_run_id, decision, name)
+    _log(client, kitchen_run_id, decision, name, config.tracking)
     return decision
 
 
@@ -173,7 +173,7 @@ def rescore(client, config: PipelineConfig, version: str, setup: CookingSetup, w
     return setup.evaluator.report(load_state_dict(weights))
 
 
-def _log(client, run_id: str, decision: PromotionDecision, name: str) -> None:
+def _log(client, run_id: str, decision: PromotionDecision, name: str, tracking: TrackingConfig) -> None:
     client.set_tag(run_id, "promotion.outcome", decision.outcome)
     client.set_tag(run_id, "promotion.candidate_version", decision.candidate_version)
     client.set_tag(run_id, "promotion.margin", decision.margin)
@@ -188,7 +188,9 @@ def _log(client, run_id: str, decision: PromotionDecision, name: str) -> None:
     create_markdown_artifact(
         f"## Promotion of `{name}`\n\n- candidate: **{decision.candidate}** (version {decision.candidate_version}), "
         f"{decision.metric} {decision.candidate_score:.4f}\n- previous champion: {previous}\n"
-        f"- outcome: **{decision.outcome}**\n- margin: {decision.margin}\n",
+        f"- outcome: **{decision.outcome}**\n- margin: {decision.margin}\n"
+        f"- in MLflow: [{name} version {decision.candidate_version}]"
+        f"({ui_url(tracking, f'models/{name}/versions/{decision.candidate_version}')})\n",
         key=f"{name.lower()}-promotion",
         description="champion / challenger decision",
     )

@@ -25,6 +25,7 @@ from tasks.adapters.tracking import (
     PARENT_RUN_TAG,
     client_for,
     flat_params,
+    log_dataset_input,
     log_params,
     register_ingredient,
     sha256_of,
@@ -128,7 +129,7 @@ def _train_and_register(
     finetune_config = config.finetune_config(params)
     flat = {**flat_params(finetune_config.model_dump(mode="json")), **flat_params(params, "sampled.")}
     log_params(client, run_id, flat)
-    _log_dataset(client, run_id, config, inputs)
+    log_dataset_input(client, run_id, config, "train", inputs.train.labels, "training")
     checkpoint = config.tracking.checkpoint_dir() / f"{ref.study_name}-trial-{ref.number}.safetensors"
     train_started = time.perf_counter()
     result = finetune(
@@ -181,15 +182,3 @@ def _epoch_reporter(client, run_id: str, trial, ref: TrialRef, config: PipelineC
             raise optuna.TrialPruned(f"pruned at epoch {epoch.epoch}")
 
     return report
-
-
-def _log_dataset(client, run_id: str, config: PipelineConfig, inputs: FinetuneInputs) -> None:
-    """The training split as an MLflow dataset input (digest of its labels, source = how it was loaded)."""
-    import mlflow
-    from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.entities import DatasetInput, InputTag
-
-    source = CodeDatasetSource({"dataset": config.data.model_dump_json()})
-    dataset = mlflow.data.from_numpy(inputs.train.labels.numpy(), source=source, name=f"{config.data.name}-train")
-    context = InputTag("mlflow.data.context", "train")
-    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [context])])

@@ -115,9 +115,14 @@ def test_soups_are_registered_with_lineage_and_the_champion_predicts(first_run):
     model = mlflow.pyfunc.load_model(f"models:/{EXPERIMENT}@champion")
     preprocess = Preprocess.of(empty_classifier(config.model.name, 10))
     images = decode(load_dataset(config.data).test, preprocess).images[:8].permute(0, 2, 3, 1).numpy()
-    probabilities = model.predict(images)
-    assert probabilities.shape == (8, 10)
-    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    predictions = model.predict(images)
+    classnames = load_dataset(config.data).classnames
+    assert list(predictions.columns) == ["predicted_class", *classnames]
+    probabilities = predictions[classnames].to_numpy()
+    assert probabilities.shape == (8, 10) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert list(predictions["predicted_class"]) == [classnames[i] for i in probabilities.argmax(axis=1)]
+    example = model.input_example
+    assert example.dtype == np.uint8 and example.shape[1:] == images.shape[1:]
 
 
 def test_kitchen_logs_the_reproduction_report_and_the_learned_fit_curve(first_run):
@@ -261,12 +266,16 @@ def test_soups_serve_answers_with_the_champion_from_the_project_environment(firs
         while True:
             try:
                 with urllib.request.urlopen(request, timeout=30) as response:
-                    predictions = np.asarray(json.loads(response.read())["predictions"])
+                    predictions = json.loads(response.read())["predictions"]
                 break
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, "soups serve did not come up"
                 time.sleep(1)
-        assert predictions.shape == (2, 10) and np.allclose(predictions.sum(axis=1), 1.0, atol=1e-5)
+        assert len(predictions) == 2 and all(row["predicted_class"] in row for row in predictions)
+        names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+        assert list(predictions[0]) == ["predicted_class", *names]
+        probabilities = np.asarray([[row[name] for name in names] for row in predictions])
+        assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

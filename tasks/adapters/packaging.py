@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from mlflow import MlflowClient
 
-from soups.serving import WEIGHTS_FILE, ClassifierSpec, write_spec
+from soups.serving import PREDICTED, WEIGHTS_FILE, ClassifierSpec, write_spec
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 SOUPS_PACKAGE = Path(__file__).resolve().parents[2] / "soups"
@@ -33,22 +33,21 @@ def log_classifier_model(
     """Save the model under ``folder`` and upload it to the run as ``classifier``; returns its artifact URI."""
     import mlflow
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ColSpec, Schema, TensorSpec
 
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
     shutil.copyfile(checkpoint, weights)
     spec_path = write_spec(spec, folder)
     size = spec.preprocess.size
-    signature = ModelSignature(
+    signature = ModelSignature(  # in: uint8 images; out: the predicted class name, then each class's probability
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(spec.classnames)))]),
+        outputs=Schema([ColSpec("string", PREDICTED), *(ColSpec("float", name) for name in spec.classnames)]),
     )
     model_dir = folder / MODEL_ARTIFACT
     shutil.rmtree(model_dir, ignore_errors=True)
     with warnings.catch_warnings():
-        # The signature is explicit and an input example would cost a prediction per logged model.
-        warnings.filterwarnings("ignore", message=".*(input example|type hints).*")
+        warnings.filterwarnings("ignore", message=".*type hints.*")  # the signature is explicit
         mlflow.pyfunc.save_model(
             str(model_dir),
             python_model=str(MODEL_CODE),
@@ -56,6 +55,7 @@ def log_classifier_model(
             code_paths=[str(SOUPS_PACKAGE)],
             pip_requirements=pip_requirements(),
             signature=signature,
+            input_example=np.full((1, size, size, 3), 128, dtype=np.uint8),  # one grey image, as a caller sends it
         )
     client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
     return f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"

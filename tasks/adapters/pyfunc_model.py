@@ -8,7 +8,8 @@ from mlflow.pyfunc import PythonModel
 
 
 class SoupClassifier(PythonModel):
-    """Predicts class probabilities for a batch of uint8 RGB images [B, H, W, 3]."""
+    """For a batch of uint8 RGB images [B, H, W, 3]: one row per image, ``predicted_class`` (the class name)
+    then the probability of every class, in columns named after the classes."""
 
     def load_context(self, context) -> None:
         from soups.serving import load_packaged
@@ -17,10 +18,15 @@ class SoupClassifier(PythonModel):
 
     def predict(self, context, model_input, params=None):
         import numpy as np
+        import pandas as pd
 
-        from soups.serving import predict_proba
+        from soups.serving import PREDICTED, predict_proba
 
-        return predict_proba(self.classifier, self.spec, np.asarray(model_input))
+        probabilities = predict_proba(self.classifier, self.spec, np.asarray(model_input))
+        names = list(self.spec.classnames)
+        table = pd.DataFrame(probabilities, columns=names)
+        table.insert(0, PREDICTED, [names[i] for i in probabilities.argmax(axis=1)])
+        return table
 
 
 mlflow.models.set_model(SoupClassifier())

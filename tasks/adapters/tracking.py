@@ -328,3 +328,27 @@ def tracked_run(
         client.set_terminated(run_id, "KILLED" if killed else "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
+
+
+def log_dataset_input(client: MlflowClient, run_id: str, config: PipelineConfig, split: str, labels, context: str):
+    """One split as an MLflow dataset input of the run (digest of its labels, source = how it was loaded,
+    ``context`` e.g. training or evaluation), so the run page says what it was trained or scored on."""
+    import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    source = CodeDatasetSource({"dataset": config.data.model_dump_json(by_alias=True), "split": split})
+    dataset = mlflow.data.from_numpy(labels.numpy(), source=source, name=f"{config.data.name}-{split}")
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])])
+
+
+def ui_url(tracking: TrackingConfig, page: str) -> str:
+    """An MLflow UI page (``page`` after ``#/``, e.g. ``models/<name>/versions/<n>``): on the tracking server
+    itself, or where `mlflow ui --backend-store-uri <the local store>` serves it by default."""
+    uri = tracking.resolved_mlflow_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/{page}"
+
+
+def run_url(tracking: TrackingConfig, client: MlflowClient, run_id: str) -> str:
+    return ui_url(tracking, f"experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}")

@@ -17,6 +17,7 @@ from tasks.context import run_context
 from tasks.cooking import (
     cook_task,
     gather_ingredients,
+    log_candidate_runs,
     log_kitchen_report,
     register_candidates,
     score_ingredients_task,
@@ -55,6 +56,7 @@ def kitchen_flow(config: PipelineConfig) -> dict:
             client.set_tag(run_id, "skipped_recipes", json.dumps(skipped))
         board = log_kitchen_report(config, run_id, candidates, setup, workdir)
         registered = register_candidates(config, experiment_id, run_id, candidates, refs, setup, workdir)
+        log_candidate_runs(config, experiment_id, run_id, candidates)
         decision = promote(config, run_id, registered, setup, workdir)
     return {
         "run_id": run_id,

@@ -145,6 +145,32 @@ def tag_ingredient_scores(
         client.set_model_version_tag(model, ref.version, "kitchen.run_id", kitchen_run_id)
 
 
+@task(name="log-candidates", cache_policy=NO_CACHE)
+def log_candidate_runs(
+    config: PipelineConfig, experiment_id: str, kitchen_run_id: str, candidates: list[Candidate]
+) -> None:
+    """The leaderboard rows that have no run yet, as runs nested under the kitchen run: each WiSE-FT α and
+    every ensemble, with their scores as metrics and their details, so every row can be found in the MLflow
+    UI (ingredients are their trials' runs; registered soups have soup runs with their models; a row whose
+    weights another row registered first, e.g. WiSE-FT at α 1, gets a run here too)."""
+    from mlflow.entities import Metric
+
+    client = client_for(config.tracking)
+    nested = client.search_runs([experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{kitchen_run_id}'", max_results=10_000)
+    has_run = {run.info.run_name for run in nested}
+    now = int(time.time() * 1000)
+    for candidate in candidates:
+        if candidate.recipe == "ingredient" or candidate.name in has_run:
+            continue
+        tags = {PARENT_RUN_TAG: kitchen_run_id, "kind": "candidate", "recipe": candidate.recipe}
+        with tracked_run(client, experiment_id, candidate.name, tags) as run_id:
+            metrics = [Metric(key, value, now, 0) for key, value in candidate.scores.items()]
+            client.log_batch(run_id, metrics=metrics)
+            if "alpha" in candidate.details:
+                client.log_param(run_id, "alpha", repr(candidate.details["alpha"]))
+            client.log_dict(run_id, {"ingredients": candidate.ingredients, **candidate.details}, "details.json")
+
+
 @task(name="log-kitchen-report", cache_policy=NO_CACHE)
 def log_kitchen_report(
     config: PipelineConfig, run_id: str, candidates: list[Candidate], setup: CookingSetup, workdir: Path

@@ -125,6 +125,26 @@ def test_soups_are_registered_with_lineage_and_the_champion_predicts(first_run):
     assert example.dtype == np.uint8 and example.shape[1:] == images.shape[1:]
 
 
+def test_every_leaderboard_row_can_be_found_as_a_run_and_ingredients_carry_their_kitchen_scores(first_run):
+    config, result = first_run
+    client = _client(config)
+    kitchen_run = result["kitchen"]["run_id"]
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    nested = client.search_runs([experiment.experiment_id], f"tags.`{PARENT}` = '{kitchen_run}'")
+    rows = [row for row in result["kitchen"]["leaderboard"] if row["recipe"] != "ingredient"]
+    assert {row["model"] for row in rows} <= {run.info.run_name for run in nested}
+    wise = [run for run in nested if run.data.tags["recipe"] == "wise_ft"]
+    assert len(wise) > 1 and all("heldout" in run.data.metrics for run in wise), "each WiSE-FT α is a run"
+    evaluated = client.get_run(kitchen_run).inputs.dataset_inputs
+    assert {"heldout", "test"} <= {i.dataset.name.rsplit("-", 1)[-1] for i in evaluated}
+    scores = {row["model"]: row["heldout"] for row in result["kitchen"]["leaderboard"]}
+    for version in _versions(client, f"{EXPERIMENT}-ingredients", config.study_name):
+        assert version.tags["kitchen.run_id"] == kitchen_run
+        kitchen_score = scores[f"ingredient-v{version.version}"]
+        assert float(version.tags["kitchen.heldout"]) == pytest.approx(kitchen_score, abs=1e-4)
+        assert "heldout_accuracy" in version.tags  # the whole held-out split, as the trial measured it
+
+
 def test_kitchen_logs_the_reproduction_report_and_the_learned_fit_curve(first_run):
     config, result = first_run
     client = _client(config)

@@ -53,8 +53,49 @@ def promote(
             f"no single-model candidates to promote (recipes: {config.kitchen.recipe_names()}); an ensemble is not one "
             "model: add 'best', 'uniform', 'greedy' or a learned soup to kitchen.recipes"
         )
-    with promotion_lock(config):
-        return _promote(config, kitchen_run_id, candidates, setup, workdir)
+    with promotion_lock(config):  # read the champion, compare, move the alias: one step
+        metric = config.kitchen.promotion_metric
+        client = client_for(config.tracking)
+        name = config.experiment
+        champion = _alias(client, name, CHAMPION)
+        reigning = str(champion.version) if champion else None
+
+        def key(candidate: RegisteredCandidate) -> tuple:
+            # Held-out accuracy, lower held-out loss, fewer ingredients, then the reigning champion (so promoting
+            # the same candidates twice changes nothing). Test and the reported shift sets never break a tie.
+            return (*selection_key(metric, candidate.scores, candidate.ingredients), candidate.version == reigning)
+
+        ranked = sorted(candidates, key=key, reverse=True)
+        best = ranked[0]
+        rival = ranked[1] if len(ranked) > 1 else None
+        champion_score = None
+        if champion is None:
+            outcome = "champion (first)"
+            client.set_registered_model_alias(name, CHAMPION, best.version)
+        elif str(champion.version) == best.version:
+            outcome = "champion (unchanged: already the champion)"
+            champion_score = best.scores[metric]
+        else:
+            rival = registered_candidate(champion, rescore(client, config, str(champion.version), setup, workdir))
+            champion_score = rival.scores[metric]
+            if key(best) > key(rival):
+                outcome = "champion (beats the previous champion)"
+                client.set_registered_model_alias(name, CHAMPION, best.version)
+            else:
+                outcome = "challenger (does not beat the champion)"
+                client.set_registered_model_alias(name, CHALLENGER, best.version)
+        decision = PromotionDecision(
+            metric=metric,
+            candidate=best.name,
+            candidate_version=best.version,
+            candidate_score=best.scores[metric],
+            champion_version=str(champion.version) if champion else None,
+            champion_score=champion_score,
+            outcome=outcome,
+            margin=margin_note(metric, best, rival),
+        )
+        _log(client, kitchen_run_id, decision, name, config.tracking)
+        return decision
 
 
 @contextmanager
@@ -80,57 +121,6 @@ def promotion_lock(config: PipelineConfig) -> Iterator[None]:
         prefect.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
     with concurrency(name, occupy=1, strict=True):
         yield
-
-
-def _promote(
-    config: PipelineConfig,
-    kitchen_run_id: str,
-    candidates: list[RegisteredCandidate],
-    setup: CookingSetup,
-    workdir: Path,
-) -> PromotionDecision:
-    metric = config.kitchen.promotion_metric
-    client = client_for(config.tracking)
-    name = config.experiment
-    champion = _alias(client, name, CHAMPION)
-    reigning = str(champion.version) if champion else None
-
-    def key(candidate: RegisteredCandidate) -> tuple:
-        # Held-out accuracy, lower held-out loss, fewer ingredients, then the reigning champion (so promoting
-        # the same candidates twice changes nothing). Test and the reported shift sets never break a tie.
-        return (*selection_key(metric, candidate.scores, candidate.ingredients), candidate.version == reigning)
-
-    ranked = sorted(candidates, key=key, reverse=True)
-    best = ranked[0]
-    rival = ranked[1] if len(ranked) > 1 else None
-    champion_score = None
-    if champion is None:
-        outcome = "champion (first)"
-        client.set_registered_model_alias(name, CHAMPION, best.version)
-    elif str(champion.version) == best.version:
-        outcome = "champion (unchanged: already the champion)"
-        champion_score = best.scores[metric]
-    else:
-        rival = registered_candidate(champion, rescore(client, config, str(champion.version), setup, workdir))
-        champion_score = rival.scores[metric]
-        if key(best) > key(rival):
-            outcome = "champion (beats the previous champion)"
-            client.set_registered_model_alias(name, CHAMPION, best.version)
-        else:
-            outcome = "challenger (does not beat the champion)"
-            client.set_registered_model_alias(name, CHALLENGER, best.version)
-    decision = PromotionDecision(
-        metric=metric,
-        candidate=best.name,
-        candidate_version=best.version,
-        candidate_score=best.scores[metric],
-        champion_version=str(champion.version) if champion else None,
-        champion_score=champion_score,
-        outcome=outcome,
-        margin=margin_note(metric, best, rival),
-    )
-    _log(client, kitchen_run_id, decision, name, config.tracking)
-    return decision
 
 
 def margin_note(metric: str, winner: RegisteredCandidate, rival: RegisteredCandidate | None) -> str:

@@ -139,7 +139,7 @@ def check_compatible(paths: Sequence[Path]) -> dict[str, TensorSpec]:
     reference_path = Path(paths[0])
     reference = read_header(reference_path)
     for path in paths[1:]:
-        problems = _layout_differences(reference, read_header(Path(path)))
+        problems = layout_differences(reference, read_header(Path(path)))
         if problems:
             shown = "; ".join(problems[:_MISMATCHES_SHOWN])
             more = f" (and {len(problems) - _MISMATCHES_SHOWN} more)" if len(problems) > _MISMATCHES_SHOWN else ""
@@ -150,7 +150,7 @@ def check_compatible(paths: Sequence[Path]) -> dict[str, TensorSpec]:
     return reference
 
 
-def _layout_differences(reference: dict[str, TensorSpec], other: dict[str, TensorSpec]) -> list[str]:
+def layout_differences(reference: dict[str, TensorSpec], other: dict[str, TensorSpec]) -> list[str]:
     problems = [f"missing key {k!r}" for k in reference if k not in other]
     problems += [f"unexpected key {k!r}" for k in other if k not in reference]
     for key, spec in reference.items():

@@ -16,7 +16,16 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from soups.checkpoint import Ingredient, weights_digest
+from soups.checkpoint import (
+    CheckpointError,
+    IncompatibleCheckpointsError,
+    Ingredient,
+    ensure_finite,
+    iter_tensors,
+    layout_differences,
+    read_header,
+    weights_digest,
+)
 from soups.config import PipelineConfig, RecipeChoice
 from soups.cooking import Candidate, CookingSetup, cook_and_score, promotable, score_ingredients
 from tasks.adapters.cache import ChecksumMismatchError, cached_artifact
@@ -85,14 +94,20 @@ def gather_ingredients(config: PipelineConfig, run_id: str | None = None) -> lis
                 artifact = f"{CHECKPOINT_ARTIFACT}/{version.tags['checkpoint']}"
                 digest = version.tags["sha256"]
                 path = cached_artifact(client, version.run_id, artifact, digest, config.tracking.resolved_cache_dir())
+                check_readable_and_finite(path)
                 refs.append(IngredientRef(version=number, run_id=version.run_id, checkpoint=path))
-        except ChecksumMismatchError as err:
-            skipped[number] = f"{type(err).__name__}: {err}; re-run that trial"
+        except (ChecksumMismatchError, CheckpointError) as err:
+            skipped[number] = f"{type(err).__name__}: {' '.join(str(err).split())}; re-run that trial"
         except (MlflowException, OSError, KeyError) as err:
             skipped[number] = f"its checkpoint cannot be fetched: {type(err).__name__}: {' '.join(str(err).split())}"
         if number in skipped:
             skipped[number] = skipped[number][:1000]
             print(f"skipping ingredient version {number}: {skipped[number]}")
+    foreign = foreign_layouts(refs)
+    refs = [ref for ref in refs if ref.version not in foreign]
+    for version, why in foreign.items():
+        skipped[version] = why[:1000]
+        print(f"skipping ingredient version {version}: {skipped[version]}")
     if skipped and run_id is not None:
         client.set_tag(run_id, "skipped_ingredients", json.dumps(skipped)[:5000])
     if not refs or (skipped and len(refs) < 2):
@@ -104,6 +119,37 @@ def gather_ingredients(config: PipelineConfig, run_id: str | None = None) -> lis
         )
     print(f"gathered {len(refs)} ingredients: versions {', '.join(r.version for r in refs)}")
     return refs
+
+
+CHECKED = ".readable-and-finite"
+"""Marker beside a cached checkpoint: its header reads and every tensor is finite (checked once per digest)."""
+
+
+def check_readable_and_finite(path: Path) -> None:
+    """Raise `CheckpointError` unless the header reads and no tensor holds NaN or inf. The cached copy is
+    named by its digest, so a pass is recorded once beside it and not paid again."""
+    marker = path.parent / CHECKED
+    if marker.exists():
+        return
+    read_header(path)
+    for key, tensor in iter_tensors(path):
+        ensure_finite(key, tensor, str(path))
+    marker.touch()
+
+
+def foreign_layouts(refs: list[IngredientRef]) -> dict[str, str]:
+    """Versions whose tensors (keys, shapes, dtypes) differ from the layout most ingredients share, with why:
+    fine-tunes of another architecture, which no recipe can average with the rest."""
+    layouts = {ref.version: read_header(ref.checkpoint) for ref in refs}
+    shapes = {v: sorted((k, tuple(t.shape), t.dtype) for k, t in layout.items()) for v, layout in layouts.items()}
+    common = max(shapes.values(), key=list(shapes.values()).count, default=None)
+    reference = next((v for v, shape in shapes.items() if shape == common), None)
+    return {
+        version: f"{IncompatibleCheckpointsError.__name__}: its tensors differ from those of version {reference}, "
+        f"which most ingredients share ({'; '.join(layout_differences(layouts[reference], layouts[version])[:3])})"
+        for version, shape in shapes.items()
+        if shape != common
+    }
 
 
 @task(name="score-ingredients", cache_policy=NO_CACHE)

@@ -319,8 +319,15 @@ def test_the_kitchen_skips_bad_ingredients_naming_each_and_fails_below_two(tmp_p
     experiment_id = ensure_experiment(config)
     client = client_for(config.tracking)
 
-    def register(number: int, status: str | None, sha256: str | None = None, reason: str | None = None) -> None:
-        checkpoint = save_state_dict({"w": torch.full((4,), float(number))}, tmp_path / f"trial-{number}.safetensors")
+    def register(
+        number: int, status: str | None, sha256: str | None = None, reason: str | None = None, weights=None
+    ) -> None:
+        path = tmp_path / f"trial-{number}.safetensors"
+        if isinstance(weights, bytes):
+            path.write_bytes(weights)
+            checkpoint = path
+        else:
+            checkpoint = save_state_dict(weights or {"w": torch.full((4,), float(number))}, path)
         run_id = client.create_run(experiment_id, tags={"kind": "ingredient", "study": config.study_name}).info.run_id
         client.log_artifact(run_id, str(checkpoint), "checkpoint")
         tags = {"study": config.study_name, "sha256": sha256 or sha256_of(checkpoint), "checkpoint": checkpoint.name}
@@ -336,17 +343,24 @@ def test_the_kitchen_skips_bad_ingredients_naming_each_and_fails_below_two(tmp_p
     register(3, None)  # killed between registering and finishing its run
     register(4, "FINISHED")
     register(5, "FAILED", reason="process died: trial 5 had no heartbeat for more than 120s")
+    register(6, "FINISHED", weights={"w": torch.tensor([1.0, float("nan"), 0.0, 0.0])})  # diverged
+    register(7, "FINISHED", weights={"w": torch.zeros(5)})  # another architecture
+    register(8, "FINISHED", weights=b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")  # checksummed, unreadable
+    register(9, "FINISHED")
     kitchen_run = client.create_run(experiment_id, tags={"kind": "kitchen"}).info.run_id
 
     refs = gather_ingredients.fn(config, kitchen_run)
 
-    assert [r.version for r in refs] == ["1", "4"]
+    assert [r.version for r in refs] == ["1", "4", "9"]
     out = capsys.readouterr().out
     assert "skipping ingredient version 2: ChecksumMismatchError" in out
     assert "skipping ingredient version 3: its run" in out and "is RUNNING, not FINISHED" in out
     assert "skipping ingredient version 5" in out and "process died: trial 5" in out
+    assert "skipping ingredient version 6: NonFiniteTensorError" in out
+    assert "skipping ingredient version 7: IncompatibleCheckpointsError" in out and "shape [5]" in out
+    assert "skipping ingredient version 8: CheckpointError" in out
     skipped = json.loads(client.get_run(kitchen_run).data.tags["skipped_ingredients"])
-    assert sorted(skipped) == ["2", "3", "5"] and "sha256" in skipped["2"]
+    assert sorted(skipped) == ["2", "3", "5", "6", "7", "8"] and "sha256" in skipped["2"]
 
     two_bad = config.model_copy(
         update={"kitchen": config.kitchen.model_copy(update={"ingredient_versions": [1, 2, 3]})}

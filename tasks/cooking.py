@@ -385,8 +385,16 @@ def _log_and_register(
             coefficients = json.dumps(candidate.details["coefficients"])
             too_long = len(coefficients) > _TAG_LIMIT
             version_tags["coefficients"] = f"per tensor, see details.json of run {run_id}" if too_long else coefficients
-        source = log_classifier_model(client, run_id, candidate.checkpoint, setup.spec, Path(workdir) / candidate.name)
+        folder = Path(workdir) / candidate.name
+        source, model_id = log_classifier_model(
+            client, run_id, candidate.checkpoint, setup.spec, folder, candidate.name
+        )
         version = client.create_model_version(
-            config.experiment, source=source, run_id=run_id, tags=version_tags, description=_description(candidate)
+            config.experiment,
+            source=source,
+            run_id=run_id,
+            tags=version_tags,
+            description=_description(candidate),
+            model_id=model_id,
         )
     return str(version.version)

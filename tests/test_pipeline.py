@@ -111,6 +111,9 @@ def test_soups_are_registered_with_lineage_and_the_champion_predicts(first_run):
 
     champion = client.get_model_version_by_alias(EXPERIMENT, "champion")
     assert str(champion.version) == result["kitchen"]["promotion"]["candidate_version"]
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    logged = {model.name for model in client.search_logged_models([experiment_id])}
+    assert {v.tags["candidate"] for v in soups} <= logged, "each soup is a logged model named after its recipe"
     mlflow.set_tracking_uri(config.tracking.resolved_mlflow_uri())
     model = mlflow.pyfunc.load_model(f"models:/{EXPERIMENT}@champion")
     preprocess = Preprocess.of(empty_classifier(config.model.name, 10))

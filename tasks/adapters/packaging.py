@@ -28,9 +28,12 @@ def pip_requirements() -> list[str]:
 
 
 def log_classifier_model(
-    client: MlflowClient, run_id: str, checkpoint: Path, spec: ClassifierSpec, folder: Path
-) -> str:
-    """Save the model under ``folder`` and upload it to the run as ``classifier``; returns its artifact URI."""
+    client: MlflowClient, run_id: str, checkpoint: Path, spec: ClassifierSpec, folder: Path, name: str
+) -> tuple[str, str]:
+    """Save the model under ``folder`` and upload it as an MLflow logged model called ``name`` (the recipe's
+    candidate name: what the run's and the experiment's Models tabs list), made by the run; returns its
+    artifact location and its id, what a registry version is created from (a ``models:/<id>`` source would
+    be resolved through MLflow's global tracking URI, which this platform never sets)."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
@@ -57,15 +60,24 @@ def log_classifier_model(
             signature=signature,
             input_example=np.full((1, size, size, 3), 128, dtype=np.uint8),  # one grey image, as a caller sends it
         )
-    client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
-    return f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+    from mlflow.entities import LoggedModelStatus
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, model_type="classifier")
+    client.log_model_artifacts(logged.model_id, str(model_dir))
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    return logged.artifact_location, logged.model_id
 
 
 def download_model_weights(client: MlflowClient, name: str, version: str, folder: Path) -> Path:
-    """The safetensors weights of a registered version, fetched locally (never unpickled)."""
+    """The safetensors weights of a registered version, fetched locally from its source (never unpickled)."""
+    import mlflow
+
     registered = client.get_model_version(name, version)
     folder.mkdir(parents=True, exist_ok=True)
-    local = client.download_artifacts(registered.run_id, MODEL_ARTIFACT, str(folder))
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=registered.source, dst_path=str(folder), tracking_uri=client.tracking_uri
+    )
     weights = next(Path(local).rglob(WEIGHTS_FILE), None)
     if weights is None:
         raise FileNotFoundError(f"version {version} of {name} has no {WEIGHTS_FILE}; cannot score it")

@@ -108,6 +108,8 @@ def _print_summary(config, kitchen: dict, seconds: float) -> None:
     board = pd.DataFrame(kitchen["leaderboard"])
     print("\nLeaderboard (accuracy [95 % interval]; held-out picks, test and shifts only report):")
     print(format_leaderboard(board))
+    for version, why in kitchen.get("skipped_ingredients", {}).items():
+        print(f"left out: ingredient version {version}: {why}")
     promotion = kitchen["promotion"]
     print(
         f"\nChampion decision: {promotion['candidate']} (version {promotion['candidate_version']}, "

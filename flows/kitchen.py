@@ -54,7 +54,8 @@ def kitchen_flow(config: PipelineConfig) -> dict:
             candidates += cook_task(setup, choice, refs, heldout_scores, workdir / "soups")
         if skipped:
             client.set_tag(run_id, "skipped_recipes", json.dumps(skipped))
-        board = log_kitchen_report(config, run_id, candidates, setup, workdir)
+        left_out = json.loads(client.get_run(run_id).data.tags.get("skipped_ingredients", "{}"))
+        board = log_kitchen_report(config, run_id, candidates, setup, workdir, left_out)
         registered = register_candidates(config, experiment_id, run_id, candidates, refs, setup, workdir)
         log_candidate_runs(config, experiment_id, run_id, candidates)
         decision = promote(config, run_id, registered, setup, workdir)
@@ -63,4 +64,5 @@ def kitchen_flow(config: PipelineConfig) -> dict:
         "leaderboard": board,
         "promotion": decision.model_dump(),
         "registered": [r.model_dump() for r in registered],
+        "skipped_ingredients": left_out,
     }

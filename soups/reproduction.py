@@ -73,9 +73,16 @@ def resolved_orderings(board: pd.DataFrame, column: str) -> list[str]:
 
 
 def reproduction_report(
-    board: pd.DataFrame, *, study: str, split_sizes: Mapping[str, int], figures: Sequence[str], resamples: int
+    board: pd.DataFrame,
+    *,
+    study: str,
+    split_sizes: Mapping[str, int],
+    figures: Sequence[str],
+    resamples: int,
+    skipped: Mapping[str, str] | None = None,
 ) -> str:
-    """The whole report as markdown; ``figures`` are file names logged beside it."""
+    """The whole report as markdown; ``figures`` are file names logged beside it; ``skipped``: registered
+    ingredient versions left out of this kitchen, with why."""
     columns = accuracy_columns(board)
     ingredients = int((board.recipe == "ingredient").sum())
     sizes = ", ".join(f"{name} {count}" for name, count in split_sizes.items())
@@ -103,5 +110,10 @@ def reproduction_report(
         "",
         *_table(board, columns),
         "",
+        *(
+            ["## Ingredients left out", "", *[f"- version {v}: {why}" for v, why in skipped.items()], ""]
+            if skipped
+            else []
+        ),
     ]
     return "\n".join(lines)

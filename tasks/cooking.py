@@ -219,7 +219,12 @@ def log_candidate_runs(
 
 @task(name="log-kitchen-report", cache_policy=NO_CACHE)
 def log_kitchen_report(
-    config: PipelineConfig, run_id: str, candidates: list[Candidate], setup: CookingSetup, workdir: Path
+    config: PipelineConfig,
+    run_id: str,
+    candidates: list[Candidate],
+    setup: CookingSetup,
+    workdir: Path,
+    skipped: dict[str, str] | None = None,
 ) -> list[dict]:
     """Leaderboard (MLflow table + CSV + Prefect table), figures and the reproduction report, logged to the
     kitchen run."""
@@ -265,7 +270,12 @@ def log_kitchen_report(
         plt.close(figure)
     sizes = {name: len(split) for name, split in setup.evaluator.splits.items()}
     report = reproduction_report(
-        board, study=config.study_name, split_sizes=sizes, figures=list(figures), resamples=config.kitchen.bootstrap
+        board,
+        study=config.study_name,
+        split_sizes=sizes,
+        figures=list(figures),
+        resamples=config.kitchen.bootstrap,
+        skipped=skipped,
     )
     report_path = Path(workdir) / "report.md"
     report_path.write_text(report)

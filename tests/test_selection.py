@@ -98,6 +98,11 @@ def test_leaderboard_and_reproduction_report_show_intervals_and_only_resolved_or
     assert "greedy vs best_single: not resolved" in report, "0.91 vs 0.90 overlaps: no claim"
     assert "**best_single > uniform**" in report, "0.90 vs 0.60 is outside the intervals"
     assert "![a.png](a.png)" in report
+    assert "Ingredients left out" not in report
+
+    skipped = {"7": "NonFiniteTensorError: w holds NaN"}
+    noted = reproduction_report(board, study="s", split_sizes={}, figures=[], resamples=0, skipped=skipped)
+    assert "## Ingredients left out\n\n- version 7: NonFiniteTensorError: w holds NaN" in noted
 
 
 @pytest.mark.parametrize("metric", ["shift_mean", "test"])

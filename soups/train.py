@@ -66,7 +66,8 @@ def zero_shot_start(model: ModelConfig, bundle: DatasetBundle, device: torch.dev
 @dataclass(frozen=True)
 class FinetuneInputs:
     """What every fine-tune of one (model, dataset) shares, built once by `prepare_finetune`: the zero-shot
-    start (never trained itself; each run trains a copy), the train split and the decoded held-out split."""
+    start (never trained itself; each run trains a copy), the train split, the decoded held-out split and the
+    class names (what a packaged fine-tune answers with)."""
 
     model: ModelConfig
     data: DataConfig
@@ -74,6 +75,7 @@ class FinetuneInputs:
     preprocess: Preprocess
     train: TrainImages
     heldout: ImageSplit
+    classnames: list[str]
 
 
 def prepare_finetune(config: FinetuneConfig, device: torch.device | str = "cpu") -> FinetuneInputs:
@@ -86,7 +88,7 @@ def prepare_finetune(config: FinetuneConfig, device: torch.device | str = "cpu")
     splits = cached_or_streamed([("heldout", bundle.heldout)], preprocess, settings.cache_bytes, settings.workers)
     fits = len(bundle.train) * preprocess.image_bytes() <= settings.cache_bytes
     train = TrainImages(bundle.train, decode(bundle.train, preprocess) if fits else None)
-    return FinetuneInputs(config.model, config.data, start, preprocess, train, splits["heldout"])
+    return FinetuneInputs(config.model, config.data, start, preprocess, train, splits["heldout"], bundle.classnames)
 
 
 def finetune(

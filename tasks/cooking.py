@@ -30,12 +30,12 @@ from soups.config import PipelineConfig, RecipeChoice
 from soups.cooking import Candidate, CookingSetup, cook_and_score, promotable, score_ingredients
 from tasks.adapters.cache import ChecksumMismatchError, cached_artifact
 from tasks.adapters.tracking import (
-    CHECKPOINT_ARTIFACT,
     PARENT_RUN_TAG,
     client_for,
     ingredients_model_name,
     run_url,
     tracked_run,
+    weights_uri,
 )
 
 
@@ -91,9 +91,8 @@ def gather_ingredients(config: PipelineConfig, run_id: str | None = None) -> lis
                 why = run.data.tags.get("failure_reason") or "its process died before the run finished"
                 skipped[number] = f"its run {version.run_id} is {run.info.status}, not FINISHED ({why})"
             else:
-                artifact = f"{CHECKPOINT_ARTIFACT}/{version.tags['checkpoint']}"
                 digest = version.tags["sha256"]
-                path = cached_artifact(client, version.run_id, artifact, digest, config.tracking.resolved_cache_dir())
+                path = cached_artifact(client, weights_uri(version), digest, config.tracking.resolved_cache_dir())
                 check_readable_and_finite(path)
                 refs.append(IngredientRef(version=number, run_id=version.run_id, checkpoint=path))
         except (ChecksumMismatchError, CheckpointError) as err:

@@ -113,5 +113,6 @@ def _register(
             "weights_sha256": converted.weights_sha256,
             "format": converted.format,
         }
-        version = register_ingredient(client, config, run_id, converted.path, converted.sha256, tags)
+        source = f"{client.get_run(run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT}"
+        version = register_ingredient(client, config, run_id, source, converted.path.name, converted.sha256, tags)
     return str(version.version)

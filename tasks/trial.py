@@ -8,6 +8,7 @@ through explicit run ids, and tells Optuna its end itself.
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Any
 
@@ -18,10 +19,11 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from soups.config import PipelineConfig
+from soups.serving import ClassifierSpec
 from soups.train import EpochReport, FinetuneInputs
+from tasks.adapters.packaging import MODEL_WEIGHTS, log_classifier_model
 from tasks.adapters.studies import open_trial, still_running
 from tasks.adapters.tracking import (
-    CHECKPOINT_ARTIFACT,
     PARENT_RUN_TAG,
     client_for,
     flat_params,
@@ -123,7 +125,8 @@ def _train_and_register(
     client, run_id: str, config: PipelineConfig, ref: TrialRef, trial: optuna.Trial, params: dict[str, Any], inputs
 ) -> tuple[float, str, float]:
     """(held-out accuracy, registered version, seconds inside finetune()). The checkpoint is written on this
-    machine, uploaded to the run's artifacts and deleted: the artifact store keeps the only copy."""
+    machine, packaged as a pyfunc model like the soups (logged model ``trial-<n>``, loadable from the
+    registry), uploaded and deleted: the artifact store keeps the only copy."""
     from soups.train import finetune
 
     finetune_config = config.finetune_config(params)
@@ -142,11 +145,14 @@ def _train_and_register(
     for key, value in result.metrics.items():
         if key not in EPOCH_METRICS:  # those are curves already, ending at the last epoch: no step-0 repeat
             client.log_metric(run_id, key, value, step=finetune_config.train.epochs)
+    package = checkpoint.with_suffix("")
     try:
-        client.log_artifact(run_id, str(checkpoint), CHECKPOINT_ARTIFACT)
         digest = sha256_of(checkpoint)
+        spec = ClassifierSpec(config.model.name, list(inputs.classnames), inputs.preprocess)
+        source, _ = log_classifier_model(client, run_id, checkpoint, spec, package, f"trial-{ref.number}")
     finally:
         checkpoint.unlink(missing_ok=True)
+        shutil.rmtree(package, ignore_errors=True)
     if not still_running(trial):
         raise RuntimeError(f"trial {ref.number} was ended by the sweep while training; not registering it")
     tags = {
@@ -158,7 +164,8 @@ def _train_and_register(
         client,
         config,
         run_id,
-        checkpoint,
+        source,
+        MODEL_WEIGHTS,
         digest,
         tags,
         description=(

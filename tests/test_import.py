@@ -112,10 +112,14 @@ def _versions(config: PipelineConfig) -> list:
 
 
 def _registered_checkpoint(config: PipelineConfig, version, into: Path) -> Path:
-    from tasks.adapters.tracking import client_for, local_artifact
+    import mlflow
 
-    client = client_for(config.tracking)
-    return local_artifact(client, version.run_id, f"checkpoint/{version.tags['checkpoint']}", into)
+    from tasks.adapters.tracking import weights_uri
+
+    uri = config.tracking.resolved_mlflow_uri()
+    return Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=weights_uri(version), dst_path=str(into), tracking_uri=uri)
+    )
 
 
 # ----------------------------------------------------------------------------------------------- the paper's
@@ -183,7 +187,7 @@ def test_open_clip_safetensors_and_pt_import_with_auto_detection(tmp_path, make_
     assert [v.tags["format"] for v in registered] == ["open_clip", "open_clip", "model-soups"]
     first = registered[0].tags
     assert first["study"] == config.experiment and first["model_name"] == TINY and first["heldout_accuracy"] == "nan"
-    assert first["checkpoint"] == "ours.safetensors" and first["source_file"] == str(ours.resolve())
+    assert first["weights"] == "ours.safetensors" and first["source_file"] == str(ours.resolve())
     assert [v.tags["trial_number"] for v in registered] == ["0", "1", "2"]
     path = _registered_checkpoint(config, registered[0], tmp_path / "downloaded")
     assert torch.equal(load_classifier(path, TINY, 4).head.weight, _head(TINY, 4, seed=1)["weight"])

@@ -126,6 +126,8 @@ def test_soups_are_registered_with_lineage_and_the_champion_predicts(first_run):
     assert list(predictions["predicted_class"]) == [classnames[i] for i in probabilities.argmax(axis=1)]
     example = model.input_example
     assert example.dtype == np.uint8 and example.shape[1:] == images.shape[1:]
+    ingredient = mlflow.pyfunc.load_model(f"models:/{EXPERIMENT}-ingredients/1")  # ingredients load the same way
+    assert list(ingredient.predict(images).columns) == ["predicted_class", *classnames]
 
 
 def test_every_leaderboard_row_can_be_found_as_a_run_and_ingredients_carry_their_kitchen_scores(first_run):

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 import yaml
@@ -25,6 +26,7 @@ from mlflow import MlflowClient
 
 from deployments.processes import process_group
 from deployments.stack import PASSWORD_VARIABLE, down, recorded
+from tasks.adapters.tracking import weights_uri
 from tests.helpers import stack_folder
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -128,11 +130,13 @@ def test_a_deployment_sweep_runs_every_trial_once_across_both_workers_and_the_ki
     versions = client.search_model_versions("name='scale-out-ingredients'")
     assert sorted(int(v.tags["trial_number"]) for v in versions) == list(range(6))
     assert len({v.run_id for v in versions}) == 6
-    for version in versions:
-        path = client.download_artifacts(
-            version.run_id, f"checkpoint/{version.tags['checkpoint']}", str(stack / "check")
-        )
+    for version in versions:  # each a pyfunc model (logged model trial-<n>) holding the weights
+        uri = weights_uri(version)
+        path = mlflow.artifacts.download_artifacts(uri, dst_path=str(stack / "check"), tracking_uri=client.tracking_uri)
         assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == version.tags["sha256"]
+    experiment_id = client.get_experiment_by_name("scale-out").experiment_id
+    logged = {model.name for model in client.search_logged_models([experiment_id])}
+    assert {f"trial-{n}" for n in range(6)} <= logged
 
     # The start went through the registry by digest: trials got a models:/ URI, never the local path.
     base = client.search_model_versions("name='scale-out-base'")

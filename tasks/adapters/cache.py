@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import mlflow
 from mlflow import MlflowClient
 
 from tasks.adapters.tracking import sha256_of
@@ -25,13 +26,13 @@ def digest_of(path: Path) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def cached_artifact(client: MlflowClient, run_id: str, artifact_path: str, digest: str, cache_dir: Path) -> Path:
-    """``cache_dir/<digest>/<name>``: the run's artifact, downloaded the first time into a private folder,
+def cached_artifact(client: MlflowClient, artifact_uri: str, digest: str, cache_dir: Path) -> Path:
+    """``cache_dir/<digest>/<name>``: the artifact at ``artifact_uri``, downloaded the first time into a private folder,
     checked, then renamed into place (concurrent fetches of one digest each end with one complete copy; a
     wrong copy is deleted and refused with `ChecksumMismatchError`). A cached copy is checked again on every
     use (hashing costs far less than downloading or evaluating) and fetched again if it changed."""
     cached = cache_dir / digest
-    name = Path(artifact_path).name
+    name = artifact_uri.rstrip("/").rsplit("/", 1)[-1]
     if cached.is_dir():
         if (cached / name).exists() and digest_of(cached / name) == digest:
             return cached / name
@@ -41,12 +42,15 @@ def cached_artifact(client: MlflowClient, run_id: str, artifact_path: str, diges
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        downloaded = Path(client.download_artifacts(run_id, artifact_path, str(partial)))
+        downloaded = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=artifact_uri, dst_path=str(partial), tracking_uri=client.tracking_uri
+            )
+        )
         got = digest_of(downloaded)
         if got != digest:
             raise ChecksumMismatchError(
-                f"{artifact_path} of run {run_id} downloaded with sha256 {got}, registered {digest}: the artifact "
-                "store copy is damaged"
+                f"{artifact_uri} downloaded with sha256 {got}, registered {digest}: the artifact store copy is damaged"
             )
         (partial / "content").mkdir()
         downloaded.rename(partial / "content" / name)

@@ -20,6 +20,8 @@ from soups.serving import PREDICTED, WEIGHTS_FILE, ClassifierSpec, write_spec
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 SOUPS_PACKAGE = Path(__file__).resolve().parents[2] / "soups"
 MODEL_ARTIFACT = "classifier"
+MODEL_WEIGHTS = f"artifacts/{WEIGHTS_FILE}"
+"""The weights file inside a logged classifier model (pyfunc keeps its artifacts under ``artifacts/``)."""
 
 
 def pip_requirements() -> list[str]:

@@ -87,5 +87,5 @@ def fetched_start(config: PipelineConfig, client: MlflowClient) -> PipelineConfi
     version = client.get_model_version(name, version_number)
     digest, local_name = version.tags["sha256"], version.tags["path"]
     cache_dir = config.tracking.resolved_cache_dir()
-    path = cached_artifact(client, version.run_id, f"{START_ARTIFACT}/{local_name}", digest, cache_dir)
+    path = cached_artifact(client, f"{version.source}/{local_name}", digest, cache_dir)
     return config.with_pretrained(f"{LOCAL_DIR_PREFIX}{path}" if path.is_dir() else str(path))

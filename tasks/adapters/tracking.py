@@ -223,33 +223,36 @@ def _registered_model_description(config: PipelineConfig, name: str) -> str:
 
 
 CHECKPOINT_ARTIFACT = "checkpoint"
-"""Where an ingredient's run keeps its checkpoint; the kitchen downloads ``checkpoint/<tags.checkpoint>``."""
+"""Where a run that registers a plain checkpoint file (an import) keeps it."""
 
 
 def register_ingredient(
     client: MlflowClient,
     config: PipelineConfig,
     run_id: str,
-    checkpoint: Path,
+    source: str,
+    weights: str,
     sha256: str,
     tags: Mapping[str, str],
     description: str | None = None,
 ):
-    """A version of ``<experiment>-ingredients`` from the checkpoint already logged to the run, with the tags the
-    kitchen reads set at creation (a version never exists without its sha256): ``sha256`` (of the file),
-    ``checkpoint``, ``model_name`` here, study, trial number and held-out accuracy from the caller."""
+    """A version of ``<experiment>-ingredients`` from ``source`` (a trial's logged pyfunc model, or an import
+    run's ``checkpoint`` folder), with the tags the kitchen reads set at creation (a version never exists without
+    its sha256): ``weights`` (the weights file's path inside the source), ``sha256`` (of that file),
+    ``model_name``, and study, trial number and held-out accuracy from the caller."""
     return client.create_model_version(
         ingredients_model_name(config),
-        source=f"{client.get_run(run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT}",
+        source=source,
         run_id=run_id,
-        tags={
-            **tags,
-            "sha256": sha256,
-            "checkpoint": Path(checkpoint).name,
-            "model_name": config.model.name,
-        },
+        tags={**tags, "weights": weights, "sha256": sha256, "model_name": config.model.name},
         description=description,
     )
+
+
+def weights_uri(version) -> str:
+    """Where a registered ingredient's weights file is (versions registered before the ``weights`` tag name
+    their file in ``checkpoint``)."""
+    return f"{version.source}/{version.tags.get('weights') or version.tags['checkpoint']}"
 
 
 def log_context(client: MlflowClient, run_id: str, config: PipelineConfig) -> None:
@@ -300,12 +303,6 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def local_artifact(client: MlflowClient, run_id: str, artifact_path: str, into: Path) -> Path:
-    """Download one artifact of a run (a no-op copy for local stores) and return its local path."""
-    into.mkdir(parents=True, exist_ok=True)
-    return Path(client.download_artifacts(run_id, artifact_path, str(into)))
 
 
 @contextmanager

@@ -45,10 +45,15 @@ class IngredientRef(BaseModel):
     version: str
     run_id: str
     checkpoint: Path
+    trial: int | None = None
+    """The sweep trial that made it (None for imports)."""
 
     @property
     def name(self) -> str:
-        return f"ingredient-v{self.version}"
+        """What the leaderboard calls it: ``trial-<n>`` like its MLflow run and logged model (its registry
+        version's ``trial_number`` tag says which); ``ingredient-v<version>`` for an import, or when two studies'
+        trials share a number in one kitchen."""
+        return f"trial-{self.trial}" if self.trial is not None else f"ingredient-v{self.version}"
 
     def ingredient(self, score: float | None = None) -> Ingredient:
         """As a recipe ingredient with its held-out ``score`` as the kitchen measured it (greedy compares like
@@ -94,7 +99,10 @@ def gather_ingredients(config: PipelineConfig, run_id: str | None = None) -> lis
                 digest = version.tags["sha256"]
                 path = cached_artifact(client, weights_uri(version), digest, config.tracking.resolved_cache_dir())
                 check_readable_and_finite(path)
-                refs.append(IngredientRef(version=number, run_id=version.run_id, checkpoint=path))
+                number_tag = version.tags.get("trial_number", "")
+                is_trial = run.data.tags.get("kind") == "ingredient" and number_tag.isdigit()
+                trial = int(number_tag) if is_trial else None
+                refs.append(IngredientRef(version=number, run_id=version.run_id, checkpoint=path, trial=trial))
         except (ChecksumMismatchError, CheckpointError) as err:
             skipped[number] = f"{type(err).__name__}: {' '.join(str(err).split())}; re-run that trial"
         except (MlflowException, OSError, KeyError) as err:
@@ -102,6 +110,8 @@ def gather_ingredients(config: PipelineConfig, run_id: str | None = None) -> lis
         if number in skipped:
             skipped[number] = skipped[number][:1000]
             print(f"skipping ingredient version {number}: {skipped[number]}")
+    trial_names = [ref.name for ref in refs]
+    refs = [ref if trial_names.count(ref.name) == 1 else ref.model_copy(update={"trial": None}) for ref in refs]
     foreign = foreign_layouts(refs)
     refs = [ref for ref in refs if ref.version not in foreign]
     for version, why in foreign.items():

@@ -79,18 +79,26 @@ def stage_command(args: argparse.Namespace) -> None:
     check_stores(config, args.command)
     quiet_tracebacks()
     start_temporary_server(config.tracking)
+    from prefect import tags
+
+    # Every flow run of this command carries the experiment and study, to filter on in the Prefect UI.
+    with tags(f"experiment:{config.experiment}", f"study:{config.study_name}"):
+        _run_stage(args.command, config)
+
+
+def _run_stage(command: str, config) -> None:
     started = time.perf_counter()
-    if args.command == "run":
+    if command == "run":
         from flows.pipeline import pipeline_flow
 
         result = pipeline_flow(config)
         _print_summary(config, result["kitchen"], time.perf_counter() - started)
-    elif args.command == "sweep":
+    elif command == "sweep":
         from flows.sweep import sweep_flow
 
         result = sweep_flow(config)
         print(f"{len(result['finished'])} trials finished, {len(result['failed'])} failed or pruned")
-    elif args.command == "kitchen":
+    elif command == "kitchen":
         from flows.kitchen import kitchen_flow
 
         _print_summary(config, kitchen_flow(config), time.perf_counter() - started)

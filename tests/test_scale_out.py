@@ -150,6 +150,11 @@ def test_a_deployment_sweep_runs_every_trial_once_across_both_workers_and_the_ki
             flow_run = client_prefect.read_flow_run(flow_run_id)
             assert flow_run.state.is_completed() and flow_run.parent_task_run_id is not None
             assert flow_run.parameters["config"]["model"]["pretrained"] == f"models:/scale-out-base/{base[0].version}"
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+        tagged = FlowRunFilter(tags=FlowRunFilterTags(all_=["experiment:scale-out"]))
+        names = {run.name for run in client_prefect.read_flow_runs(flow_run_filter=tagged)}
+        assert {"pipeline-scale-out", "sweep-scale-out-6", "kitchen-scale-out"} <= names  # the CLI tags its runs
     by_worker = {worker: _submitted_by(stack, worker) & set(run_ids) for worker in ("worker-1", "worker-2")}
     for index, worker in enumerate(("worker-1", "worker-2")):  # one worker per GPU, one flow run at a time each
         environ = Path(f"/proc/{_service(stack, worker).pid}/environ").read_bytes().split(b"\0")

@@ -149,7 +149,7 @@ def _train_and_register(
     try:
         digest = sha256_of(checkpoint)
         spec = ClassifierSpec(config.model.name, list(inputs.classnames), inputs.preprocess)
-        source, _ = log_classifier_model(client, run_id, checkpoint, spec, package, f"trial-{ref.number}")
+        source, model_id = log_classifier_model(client, run_id, checkpoint, spec, package, f"trial-{ref.number}")
     finally:
         checkpoint.unlink(missing_ok=True)
         shutil.rmtree(package, ignore_errors=True)
@@ -173,6 +173,7 @@ def _train_and_register(
             + ", ".join(f"{k}={v}" for k, v in params.items())
             + f"; held-out accuracy {result.metrics['heldout_accuracy']:.4f} on the whole held-out split."
         ),
+        model_id=model_id,
     )
     return result.metrics["heldout_accuracy"], str(version.version), train_seconds
 

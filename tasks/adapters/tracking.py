@@ -235,17 +235,20 @@ def register_ingredient(
     sha256: str,
     tags: Mapping[str, str],
     description: str | None = None,
+    model_id: str | None = None,
 ):
-    """A version of ``<experiment>-ingredients`` from ``source`` (a trial's logged pyfunc model, or an import
-    run's ``checkpoint`` folder), with the tags the kitchen reads set at creation (a version never exists without
-    its sha256): ``weights`` (the weights file's path inside the source), ``sha256`` (of that file),
-    ``model_name``, and study, trial number and held-out accuracy from the caller."""
+    """A version of ``<experiment>-ingredients`` from ``source`` (a trial's logged pyfunc model ``model_id``, or
+    an import run's ``checkpoint`` folder), with the tags the kitchen reads set at creation (a version never
+    exists without its sha256): ``weights`` (the weights file's path inside the source), ``sha256`` (of that
+    file), ``model_name``, and study, trial number and held-out accuracy from the caller. (A tracking server
+    accepts a source only inside the run or logged model the request names.)"""
     return client.create_model_version(
         ingredients_model_name(config),
         source=source,
         run_id=run_id,
         tags={**tags, "weights": weights, "sha256": sha256, "model_name": config.model.name},
         description=description,
+        model_id=model_id,
     )
 
 

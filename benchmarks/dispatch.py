@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -22,14 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from deployments.stack import sourced_environment
+
 BIN = Path(sys.executable).parent
-
-
-def _env(root: Path) -> dict[str, str]:
-    """What `. DIR/stack.env` exports."""
-    exports = dict(re.findall(r"^export (\w+)=(\S+)$", (root / "stack.env").read_text(), re.M))
-    env = {k: v.strip("'\"") for k, v in exports.items() if not v.startswith('"$')}
-    return {**os.environ, **env, "PGPASSWORD": os.environ["SOUPS_DB_PASSWORD"]}
 
 
 def _soups(env: dict[str, str], *argv: str) -> str:
@@ -79,7 +73,7 @@ def main() -> None:
         started = time.perf_counter()
         _soups(dict(os.environ), "stack", "up", "--root", str(root), "--workers", str(args.workers))
         stack_up = time.perf_counter() - started
-        env = _env(root)
+        env = sourced_environment(root)
         out = _soups({**env, "PREFECT_API_URL": ""}, "pretrain", "--set", f"tracking.root={folder / 'local'}")
         start = out.strip().splitlines()[-1].removeprefix("pretrained checkpoint: ")
         results = {dispatch: _sweep(root, env, start, dispatch, args) for dispatch in ("local", "deployment")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cli.common import UsageError
@@ -61,8 +62,6 @@ def check_stores(config, command: str) -> None:
 def check_dispatch(config, command: str) -> None:
     """Trials dispatched as flow runs need the Prefect server that the pool's workers poll; a temporary server
     has no workers, so its trials would wait forever."""
-    import os
-
     if command in ("run", "sweep") and config.sweep.dispatch == "deployment" and not os.environ.get("PREFECT_API_URL"):
         raise UsageError(
             "sweep.dispatch is 'deployment' but PREFECT_API_URL names no Prefect server: `. DIR/stack.env` after "

@@ -190,13 +190,26 @@ def _record(root: Path, services: list[Service]) -> None:
     (root / RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def _exports(root: Path) -> dict[str, str]:
+    """The literal ``export NAME=value`` lines of DIR/stack.env (none when it does not exist)."""
+    env_file = root / ENV_FILE
+    lines = env_file.read_text().splitlines() if env_file.exists() else []
+    pairs = (line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export "))
+    values = {name: shlex.split(value)[0] for name, value in pairs}
+    return {name: value for name, value in values.items() if not value.startswith("${")}
+
+
 def _saved_password(root: Path) -> str | None:
     """The password an earlier ``up`` generated into stack.env."""
-    env_file = root / ENV_FILE
-    prefix = f"export {PASSWORD_VARIABLE}="
-    lines = env_file.read_text().splitlines() if env_file.exists() else []
-    saved = [shlex.split(line.removeprefix(prefix))[0] for line in lines if line.startswith(prefix)]
-    return saved[0] if saved else None
+    return _exports(root).get(PASSWORD_VARIABLE)
+
+
+def sourced_environment(root: Path) -> dict[str, str]:
+    """This process's environment as `. DIR/stack.env` leaves it in a shell: the stack's addresses, and the
+    database password as PGPASSWORD (from SOUPS_DB_PASSWORD, or the one ``up`` generated)."""
+    env = {**os.environ, **_exports(root)}
+    password = os.environ.get(PASSWORD_VARIABLE) or env.get(PASSWORD_VARIABLE)
+    return {**env, "PGPASSWORD": password} if password else env
 
 
 def database_password(root: Path) -> tuple[str, bool]:

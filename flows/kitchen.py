@@ -35,7 +35,8 @@ def kitchen_flow(config: PipelineConfig) -> dict:
     with tracked_run(client, experiment_id, f"kitchen-{config.study_name}", tags) as run_id:
         log_context(client, run_id, config)
         workdir = (config.tracking.root / "kitchen" / run_id).resolve()
-        refs = gather_ingredients(config, run_id)
+        gathered = gather_ingredients(config, run_id)
+        refs = gathered.refs
         client.log_param(run_id, "ingredient_versions", ",".join(r.version for r in refs))
         setup = prepare_cooking(config, workdir)
         for split, images in setup.evaluator.splits.items():
@@ -54,8 +55,7 @@ def kitchen_flow(config: PipelineConfig) -> dict:
             candidates += cook_task(setup, choice, refs, heldout_scores, workdir / "soups")
         if skipped:
             client.set_tag(run_id, "skipped_recipes", json.dumps(skipped))
-        left_out = json.loads(client.get_run(run_id).data.tags.get("skipped_ingredients", "{}"))
-        board = log_kitchen_report(config, run_id, candidates, setup, workdir, left_out)
+        board = log_kitchen_report(config, run_id, candidates, setup, workdir, gathered.skipped)
         registered = register_candidates(config, experiment_id, run_id, candidates, refs, setup, workdir)
         log_candidate_runs(config, experiment_id, run_id, candidates)
         decision = promote(config, run_id, registered, setup, workdir)
@@ -64,5 +64,5 @@ def kitchen_flow(config: PipelineConfig) -> dict:
         "leaderboard": board,
         "promotion": decision.model_dump(),
         "registered": [r.model_dump() for r in registered],
-        "skipped_ingredients": left_out,
+        "skipped_ingredients": gathered.skipped,
     }

@@ -333,6 +333,11 @@ class TrackingConfig(_Section):
     def resolved_mlflow_uri(self) -> str:
         return self.mlflow_uri or f"sqlite:///{(self.root / 'mlflow.db').resolve()}"
 
+    def served(self) -> bool:
+        """Whether MLflow is a tracking server (reached over HTTP from every machine) rather than a store on
+        this machine."""
+        return self.resolved_mlflow_uri().startswith(("http://", "https://"))
+
     def resolved_optuna_storage(self) -> str:
         return self.optuna_storage or f"sqlite:///{(self.root / 'optuna.db').resolve()}"
 

@@ -61,8 +61,15 @@ class IngredientRef(BaseModel):
         return Ingredient(self.checkpoint, score, self.name, {"version": self.version, "run_id": self.run_id})
 
 
+class Gathered(BaseModel):
+    """What the kitchen cooks from, and the registered versions it leaves out with why."""
+
+    refs: list[IngredientRef]
+    skipped: dict[str, str]
+
+
 @task(name="gather-ingredients")
-def gather_ingredients(config: PipelineConfig, run_id: str | None = None) -> list[IngredientRef]:
+def gather_ingredients(config: PipelineConfig, run_id: str | None = None) -> Gathered:
     """Every registered version of the study (or the configured versions), from this machine's cache by sha256
     (downloaded and checked the first time, then reused by every kitchen run).
 
@@ -127,7 +134,7 @@ def gather_ingredients(config: PipelineConfig, run_id: str | None = None) -> lis
             f"needs two; skipped {reasons}. Re-run the sweep to register good ones"
         )
     print(f"gathered {len(refs)} ingredients: versions {', '.join(r.version for r in refs)}")
-    return refs
+    return Gathered(refs=refs, skipped=skipped)
 
 
 CHECKED = ".readable-and-finite"

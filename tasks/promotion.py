@@ -102,10 +102,10 @@ def promote(
 def promotion_lock(config: PipelineConfig) -> Iterator[None]:
     """One promotion of a model at a time, so two kitchens finishing together each compare against the champion
     the other may just have set (read, compare and move the alias as one step). A file lock in the data root
-    when MLflow is the root's own database; otherwise a global concurrency limit of one on the Prefect server
-    every machine shares (a lease: a holder that dies releases it)."""
+    when MLflow is a store on this machine; with a tracking server, a global concurrency limit of one on the
+    Prefect server every machine shares (a lease: a holder that dies releases it)."""
     name = f"promote-{config.experiment}"
-    if config.tracking.mlflow_uri is None or config.tracking.mlflow_uri.startswith(("sqlite:", "file:")):
+    if not config.tracking.served():
         from filelock import FileLock
 
         config.tracking.root.mkdir(parents=True, exist_ok=True)

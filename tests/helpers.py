@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -22,8 +23,7 @@ def random_state_dict(seed: int, dtype: torch.dtype = torch.float32) -> dict[str
 
 def write_ingredients(folder: Path, seeds: list[int], dtype: torch.dtype = torch.float32) -> list[Ingredient]:
     return [
-        Ingredient(save_state_dict(random_state_dict(s, dtype), folder / f"ingredient-{s}.safetensors"))
-        for s in seeds
+        Ingredient(save_state_dict(random_state_dict(s, dtype), folder / f"ingredient-{s}.safetensors")) for s in seeds
     ]
 
 
@@ -33,3 +33,10 @@ def stack_folder() -> Path:
     root = Path(tempfile.mkdtemp(prefix="soups-stack-"))
     root.chmod(0o755)
     return root
+
+
+def cli_environment(home: Path | None = None) -> dict[str, str]:
+    """The environment a `soups` process gets in the fault tests: the CLI's own defaults (Prefect's home under
+    tracking.root and its temporary server), one-line errors; ``home`` as HOME when given."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL", "SOUPS_DEBUG")}
+    return {**env, "HOME": str(home)} if home else env

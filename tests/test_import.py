@@ -311,7 +311,7 @@ def test_the_kitchen_gathers_imported_ingredients_with_verified_checksums(tmp_pa
     files = [_paper_file(tmp_path, f"model_{i}.pt", seed=i) for i in range(3)]
     versions = import_checkpoints(config, files, "model-soups")
 
-    refs = gather_ingredients.fn(config)
+    refs = gather_ingredients.fn(config).refs
 
     registered = {str(v.version): v for v in _versions(config)}
     assert [r.version for r in refs] == versions == ["1", "2", "3"]

@@ -25,7 +25,7 @@ import yaml
 from mlflow import MlflowClient
 
 from deployments.processes import process_group
-from deployments.stack import PASSWORD_VARIABLE, down, recorded
+from deployments.stack import PASSWORD_VARIABLE, down, recorded, sourced_environment
 from tasks.adapters.tracking import weights_uri
 from tests.helpers import stack_folder
 
@@ -59,13 +59,6 @@ def stack():
             shutil.rmtree(root.parent)
 
 
-def _shell_env(root: Path) -> dict[str, str]:
-    """What `. DIR/stack.env` exports."""
-    exports = dict(re.findall(r"^export (\w+)=(\S+)$", (root / "stack.env").read_text(), re.M))
-    env = {k: v.strip("'\"") for k, v in exports.items() if not v.startswith('"$')}
-    return {**os.environ, **env, "PGPASSWORD": PASSWORD}
-
-
 def _tracking(root: Path) -> dict:
     return yaml.safe_load((root / "stack.yaml").read_text())["tracking"]
 
@@ -91,7 +84,9 @@ def _prefect(root: Path) -> Iterator:
 
 
 def _soups(root: Path, *argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    done = subprocess.run([SOUPS, *argv], env=_shell_env(root), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [SOUPS, *argv], env=sourced_environment(root), capture_output=True, text=True, timeout=timeout
+    )
     print(done.stdout[-4000:], done.stderr[-4000:])
     return done
 
@@ -186,7 +181,9 @@ def test_the_nightly_deployment_fires_on_its_schedule_and_the_next_run_continues
     }
     deploy = [PREFECT, "--no-prompt", "deploy", "--name", "nightly-soups", "--prefect-file", "deployments/prefect.yaml"]
     deploy += ["--interval", "20", "--params", json.dumps({"config": config})]
-    done = subprocess.run(deploy, cwd=CHECKOUT, env=_shell_env(stack), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        deploy, cwd=CHECKOUT, env=sourced_environment(stack), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
     with _prefect(stack) as client:
@@ -238,7 +235,9 @@ def test_a_worker_lost_mid_trial_fails_that_trial_registers_nothing_of_it_and_th
         "space": space,
     }
     argv = [SOUPS, "sweep", str(stack / "stack.yaml"), *_overrides(pretrained_checkpoint, "lost-worker", **settings)]
-    sweep = subprocess.Popen(argv, env=_shell_env(stack), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep = subprocess.Popen(
+        argv, env=sourced_environment(stack), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         victim = _trial_training_on(stack, "worker-1", tracking, timeout=300)
         for pid in process_group(_service(stack, "worker-1")):  # the worker and its flow run: a lost machine

@@ -146,56 +146,54 @@ def test_down_stops_every_process_and_keeps_the_data(stack, capsys):
     assert leaks == []
 
 
+@pytest.fixture
+def root_and_taken_port(monkeypatch):
+    """A new stack folder, no SOUPS_DB_PASSWORD, and a socket listening on a port `up` is then told to use;
+    whatever `up` left running is taken down afterwards."""
+    monkeypatch.delenv(PASSWORD_VARIABLE, raising=False)
+    root = stack_folder() / "stack"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        try:
+            yield root, taken
+        finally:
+            down(root)
+            shutil.rmtree(root.parent)
+
+
 @pytest.mark.parametrize("failure", ["port taken", "server exits"])
-def test_up_that_fails_names_the_service_and_leaves_nothing_running(failure, monkeypatch, capsys):
+def test_up_that_fails_names_the_service_and_leaves_nothing_running(failure, root_and_taken_port, monkeypatch, capsys):
     """PostgreSQL and MLflow are running when the Prefect server fails: both are stopped again."""
-    monkeypatch.delenv(PASSWORD_VARIABLE, raising=False)
-    root = stack_folder() / "stack"
-    taken = socket.socket()
-    try:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        if failure == "server exits":
-            monkeypatch.setenv("PREFECT_SERVER_API_KEEPALIVE_TIMEOUT", "not-a-number")
-            taken.close()
-        assert _soups_stack("up", "--root", str(root), "--workers", "0", "--prefect-port", str(port)) == 2
-        error = capsys.readouterr().err.strip()
-        assert len(error.splitlines()) == 1 and "prefect-server" in error, error
-        expected = f"cannot listen on 127.0.0.1:{port}" if failure == "port taken" else "prefect-server.log"
-        assert expected in error, error
-        assert _processes_mentioning(str(root)) == []
-        assert not (root / "stack.json").exists()
-        # The generated password is kept for the next `up` of this database, and only in stack.env.
-        assert stat.S_IMODE((root / ENV_FILE).stat().st_mode) == 0o600
-        password, generated = database_password(root)
-        assert generated and password in (root / ENV_FILE).read_text()
-    finally:
+    root, taken = root_and_taken_port
+    port = taken.getsockname()[1]
+    if failure == "server exits":
+        monkeypatch.setenv("PREFECT_SERVER_API_KEEPALIVE_TIMEOUT", "not-a-number")
         taken.close()
-        down(root)
-        shutil.rmtree(root.parent)
+    assert _soups_stack("up", "--root", str(root), "--workers", "0", "--prefect-port", str(port)) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "prefect-server" in error, error
+    expected = f"cannot listen on 127.0.0.1:{port}" if failure == "port taken" else "prefect-server.log"
+    assert expected in error, error
+    assert _processes_mentioning(str(root)) == []
+    assert not (root / "stack.json").exists()
+    # The generated password is kept for the next `up` of this database, and only in stack.env.
+    assert stat.S_IMODE((root / ENV_FILE).stat().st_mode) == 0o600
+    password, generated = database_password(root)
+    assert generated and password in (root / ENV_FILE).read_text()
 
 
-def test_a_wrong_password_is_refused_and_the_generated_one_kept(monkeypatch, capsys):
-    monkeypatch.delenv(PASSWORD_VARIABLE, raising=False)
-    root = stack_folder() / "stack"
-    taken = socket.socket()
-    try:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = str(taken.getsockname()[1])
-        assert _soups_stack("up", "--root", str(root), "--workers", "0", "--postgres-port", port) == 2
-        assert f"postgres: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
-        generated = (root / ENV_FILE).read_text()  # initdb ran: its generated password is kept
+def test_a_wrong_password_is_refused_and_the_generated_one_kept(root_and_taken_port, monkeypatch, capsys):
+    root, taken = root_and_taken_port
+    port = str(taken.getsockname()[1])
+    assert _soups_stack("up", "--root", str(root), "--workers", "0", "--postgres-port", port) == 2
+    assert f"postgres: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    generated = (root / ENV_FILE).read_text()  # initdb ran: its generated password is kept
 
-        monkeypatch.setenv(PASSWORD_VARIABLE, "not-the-password")
-        assert _soups_stack("up", "--root", str(root), "--workers", "0") == 2
-        error = capsys.readouterr().err.strip()
-        assert error.startswith("soups stack: error: postgres: cannot connect as soups") and "\n" not in error
-        assert "password authentication failed" in error and "not-the-password" not in error
-        assert (root / ENV_FILE).read_text() == generated
-        assert _processes_mentioning(str(root)) == []
-    finally:
-        taken.close()
-        down(root)
-        shutil.rmtree(root.parent)
+    monkeypatch.setenv(PASSWORD_VARIABLE, "not-the-password")
+    assert _soups_stack("up", "--root", str(root), "--workers", "0") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("soups stack: error: postgres: cannot connect as soups") and "\n" not in error
+    assert "password authentication failed" in error and "not-the-password" not in error
+    assert (root / ENV_FILE).read_text() == generated
+    assert _processes_mentioning(str(root)) == []

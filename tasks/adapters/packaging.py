@@ -7,6 +7,7 @@ The model is saved locally and uploaded to the run through an explicit client, s
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from importlib import metadata
@@ -41,8 +42,12 @@ def log_classifier_model(
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / WEIGHTS_FILE
-    shutil.copyfile(checkpoint, weights)
+    weights = folder / WEIGHTS_FILE  # the name the spec loads; a link, not a copy (MLflow copies it once more)
+    weights.unlink(missing_ok=True)
+    try:
+        os.link(checkpoint, weights)
+    except OSError:  # another filesystem
+        shutil.copyfile(checkpoint, weights)
     spec_path = write_spec(spec, folder)
     size = spec.preprocess.size
     signature = ModelSignature(  # in: uint8 images; out: the predicted class name, then each class's probability

@@ -193,8 +193,7 @@ def _ensure_experiment(config: PipelineConfig) -> str:
     if experiment is None:
         # A tracking server keeps artifacts where it serves them from (workers on other machines upload through
         # it); only a local store gets the data root's artifacts folder.
-        served = config.tracking.resolved_mlflow_uri().startswith(("http://", "https://"))
-        location = None if served else config.tracking.artifact_root()
+        location = None if config.tracking.served() else config.tracking.artifact_root()
         experiment_id = client.create_experiment(config.experiment, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
@@ -345,8 +344,7 @@ def log_dataset_input(client: MlflowClient, run_id: str, config: PipelineConfig,
 def ui_url(tracking: TrackingConfig, page: str) -> str:
     """An MLflow UI page (``page`` after ``#/``, e.g. ``models/<name>/versions/<n>``): on the tracking server
     itself, or where `mlflow ui --backend-store-uri <the local store>` serves it by default."""
-    uri = tracking.resolved_mlflow_uri()
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    base = tracking.resolved_mlflow_uri().rstrip("/") if tracking.served() else "http://127.0.0.1:5000"
     return f"{base}/#/{page}"
 
 

@@ -4,7 +4,6 @@ set (promotion holds a lock), so the alias ends on the better model, and on weig
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from mlflow import MlflowClient
 
 from soups.checkpoint import weights_digest
 from tasks.adapters.packaging import download_model_weights
+from tests.helpers import cli_environment
 
 REPO = Path(__file__).resolve().parents[2]
 SPACE = json.dumps(
@@ -25,16 +25,12 @@ def _soups(root: Path, pretrained: Path, *argv: str) -> list[str]:
     return [sys.executable, "-m", "cli.main", *argv, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL", "SOUPS_DEBUG")}
-
-
 def test_two_kitchens_finishing_together_leave_the_champion_on_the_better_verified_model(
     tmp_path, pretrained_checkpoint
 ):
     root = tmp_path / "data"
     sweep = _soups(root, pretrained_checkpoint, "sweep", "--set", "sweep.n_trials=3", "--set", "sweep.sampler=random")
-    done = subprocess.run(sweep, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(sweep, cwd=REPO, env=cli_environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
     menus = (["best"], ["uniform", "greedy"])
@@ -42,7 +38,7 @@ def test_two_kitchens_finishing_together_leave_the_champion_on_the_better_verifi
         subprocess.Popen(
             _soups(root, pretrained_checkpoint, "kitchen", "--set", f"kitchen.recipes={json.dumps(menu)}"),
             cwd=REPO,
-            env=_env(),
+            env=cli_environment(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

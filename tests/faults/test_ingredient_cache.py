@@ -23,8 +23,8 @@ def test_kitchen_runs_reuse_one_checked_copy_per_digest_and_fetch_a_changed_one_
         source = f"{client.get_run(run_id).info.artifact_uri}/checkpoint"
         client.create_model_version(ingredients_model_name(config), source=source, run_id=run_id, tags=tags)
 
-    first = gather_ingredients.fn(config)
-    second = gather_ingredients.fn(config)
+    first = gather_ingredients.fn(config).refs
+    second = gather_ingredients.fn(config).refs
     cache = config.tracking.resolved_cache_dir()
     assert [r.checkpoint for r in first] == [r.checkpoint for r in second]
     assert all(r.checkpoint.parent.parent == cache for r in first)
@@ -33,7 +33,7 @@ def test_kitchen_runs_reuse_one_checked_copy_per_digest_and_fetch_a_changed_one_
 
     first[0].checkpoint.write_bytes(b"changed on disk")
     capsys.readouterr()
-    third = gather_ingredients.fn(config)
+    third = gather_ingredients.fn(config).refs
     assert "no longer has sha256" in capsys.readouterr().out
     assert all(sha256_of(r.checkpoint) == r.checkpoint.parent.name for r in third)  # the registered content again
     assert [r.version for r in third] == ["1", "2"]

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from cli.main import main
 from soups.config import ConfigError, load_config
+from tests.helpers import cli_environment
 
 REPO = Path(__file__).resolve().parents[2]
 # Trials that learn nothing (and so never diverge), fast or slow by their epochs.
@@ -31,13 +32,6 @@ STILL = "space={lr: {kind: loguniform, low: 1.0e-9, high: 2.0e-9}}"
 
 class Marker:
     """Pickled into a checkpoint: a file that only unpickling (never done) could load."""
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    """The CLI's own defaults (Prefect home under tracking.root) and a home folder inside the test's."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL", "SOUPS_DEBUG")}
-    env["HOME"] = str(tmp_path / "home")
-    return env
 
 
 def _sweep(root: Path, *settings: str) -> list[str]:
@@ -125,7 +119,9 @@ def test_a_sweep_where_no_trial_finishes_fails_with_one_line(tmp_path):
     diverging = _sweep(
         root, "sweep.n_trials=2", "train.epochs=1", "space={lr: {kind: categorical, choices: [1000000.0]}}"
     )
-    done = subprocess.run(diverging, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        diverging, cwd=REPO, env=cli_environment(tmp_path / "home"), capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 1, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("soups sweep: error:")]
     assert len(errors) == 1, done.stderr[-3000:]
@@ -148,7 +144,12 @@ def test_a_killed_sweep_is_reaped_by_the_next_and_leaves_no_server(tmp_path):
     slow = _sweep(root, "sweep.n_trials=2", "train.epochs=500", "sweep.heartbeat_seconds=1", STILL)
     with log.open("w") as out:
         killed = subprocess.Popen(
-            slow, cwd=REPO, env=_env(tmp_path), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            slow,
+            cwd=REPO,
+            env=cli_environment(tmp_path / "home"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         _wait_for_a_training_trial(root, killed, log)
@@ -171,7 +172,9 @@ def test_a_killed_sweep_is_reaped_by_the_next_and_leaves_no_server(tmp_path):
     time.sleep(2.5)  # the grace period: twice the 1 s heartbeat
 
     fast = _sweep(root, "sweep.n_trials=2", "train.epochs=1", "sweep.heartbeat_seconds=1", STILL)
-    done = subprocess.run(fast, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        fast, cwd=REPO, env=cli_environment(tmp_path / "home"), capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     ghost, *new = _study(root).trials
@@ -205,7 +208,7 @@ def test_two_sweeps_on_one_fresh_study_run_forty_trials_four_at_a_time_and_lose_
         subprocess.Popen(
             command,
             cwd=REPO,
-            env=_env(tmp_path),
+            env=cli_environment(tmp_path / "home"),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -349,7 +352,7 @@ def test_the_kitchen_skips_bad_ingredients_naming_each_and_fails_below_two(tmp_p
     register(9, "FINISHED")
     kitchen_run = client.create_run(experiment_id, tags={"kind": "kitchen"}).info.run_id
 
-    refs = gather_ingredients.fn(config, kitchen_run)
+    refs = gather_ingredients.fn(config, kitchen_run).refs
 
     assert [r.version for r in refs] == ["1", "4", "9"]
     out = capsys.readouterr().out

@@ -102,7 +102,7 @@ def _use(config: PipelineConfig, scratch: Path) -> None:
         for location in (version.source, client.get_run(version.run_id).info.artifact_uri):
             assert location.startswith(root.as_uri() + "/artifacts/"), location
 
-    refs = gather_ingredients.fn(config)
+    refs = gather_ingredients.fn(config).refs
 
     assert [ref.version for ref in refs] == ["1", "2"]
     for ref in refs:

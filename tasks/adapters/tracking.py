@@ -338,7 +338,13 @@ def log_dataset_input(client: MlflowClient, run_id: str, config: PipelineConfig,
 
     source = CodeDatasetSource({"dataset": config.data.model_dump_json(by_alias=True), "split": split})
     dataset = mlflow.data.from_numpy(labels.numpy(), source=source, name=f"{config.data.name}-{split}")
-    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])])
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])]
+    try:
+        client.log_inputs(run_id, inputs)
+    except MlflowException:
+        # MLflow inserts a dataset it has not seen, unchecked: two trials logging the same split at once race
+        # on the table's unique key (seen with two sweeps on one SQLite store). Once, the other has stored it.
+        client.log_inputs(run_id, inputs)
 
 
 def ui_url(tracking: TrackingConfig, page: str) -> str:

@@ -208,7 +208,9 @@ def ensure_finite(key: str, tensor: torch.Tensor, source: str) -> None:
 def save_state_dict(
     state_dict: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None
 ) -> Path:
-    """Write to a temporary name in the same folder, then rename: readers never see a half-written file."""
+    """Write to a temporary name in the same folder, then rename: readers never see a half-written file. Equal
+    tensors and metadata give equal bytes (the metadata is written in key order), so a file's sha256 says
+    whether two runs made the same checkpoint."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -217,10 +219,28 @@ def save_state_dict(
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+        _sort_metadata(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header with its metadata in key order, in place: safetensors writes metadata in the order of
+    a hash map seeded per process, so the same checkpoint got other bytes in every process. The header keeps
+    its length (the same pairs in another order), so the tensor data does not move."""
+    with Path(path).open("r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        ordered = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(ordered) > length:  # never: the same JSON values re-encoded; a longer header would move the data
+            raise CheckpointError(f"{path}: cannot reorder its safetensors metadata in place")
+        f.seek(8)
+        f.write(ordered.ljust(length, b" "))  # safetensors pads headers with spaces too
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -128,6 +128,12 @@ class TrainConfig(_Section):
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'.")
     bf16: bool = Field(True, description="bfloat16 autocast for training on CUDA (ignored on CPU).")
     threads: int | None = Field(None, ge=1, description="CPU threads for this run (default: all cores).")
+    deterministic: bool = Field(
+        False,
+        description="PyTorch's deterministic algorithms, cuDNN's deterministic kernels and the cuBLAS workspace "
+        "setting, so a rerun on the same GPU is bit-identical (slower; see README, Reproducibility). CPU runs "
+        "are bit-identical without it for the same machine, seed and thread count.",
+    )
     eval_batch_size: int = Field(512, ge=1)
     crop_scale: tuple[float, float] | None = Field(
         None,

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+import platform
+from importlib import metadata
 
 import torch
+
+CUBLAS_WORKSPACE = ":4096:8"
+"""The cuBLAS workspace setting PyTorch's deterministic mode asks for (one of the two it accepts)."""
+_DETERMINISTIC_WORKSPACES = (":4096:8", ":16:8")
+_VERSIONED = ("torch", "torchvision", "open_clip_torch", "timm", "numpy", "pillow", "safetensors")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -38,3 +45,42 @@ def trial_slots(device: str, parallel: int, gpus: int | None = None) -> list[str
     if device in ("auto", "cuda") and gpus >= 1:
         return [f"cuda:{index}" for index in range(min(parallel, gpus))]
     return [device] * parallel
+
+
+def use_determinism(deterministic: bool) -> None:
+    """Switch PyTorch's deterministic algorithms on or off for this process (its trials share one config).
+
+    On CUDA that also means cuDNN's deterministic kernels, no cuDNN autotuning and a fixed cuBLAS workspace
+    (``CUBLAS_WORKSPACE_CONFIG``, read once, when cuBLAS first runs: call this before any CUDA work)."""
+    if deterministic:
+        workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        if workspace not in _DETERMINISTIC_WORKSPACES:
+            raise ValueError(
+                f"train.deterministic needs CUBLAS_WORKSPACE_CONFIG {' or '.join(_DETERMINISTIC_WORKSPACES)}, "
+                f"but it is {workspace!r} in this environment; unset it or set one of those"
+            )
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = False
+
+
+def determinism_record(device: torch.device, augmentation_workers: int) -> dict[str, str]:
+    """What besides the config decides a run's numbers: library versions, threads, the deterministic mode and
+    the hardware (MLflow params ``runtime.*`` of every trial)."""
+    record = {name: metadata.version(name) for name in _VERSIONED}
+    record |= {
+        "python": platform.python_version(),
+        "torch_threads": str(torch.get_num_threads()),
+        "deterministic": str(torch.are_deterministic_algorithms_enabled()),
+        "device": str(device),
+        "augmentation_workers": str(augmentation_workers),
+        "machine": platform.machine(),
+    }
+    if device.type == "cuda":
+        record |= {
+            "cuda": str(torch.version.cuda),
+            "cudnn": str(torch.backends.cudnn.version()),
+            "gpu": torch.cuda.get_device_name(device),
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ""),
+        }
+    return record

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -25,8 +26,8 @@ from soups.data import DatasetBundle, load_dataset
 from soups.evaluate import evaluate
 from soups.images import ImageSplit, Preprocess, cached_or_streamed, decode
 from soups.models import ClipClassifier, build_classifier, save_classifier
-from soups.runtime import resolve_device, use_cores
-from soups.train_input import TrainImages, epoch_batches
+from soups.runtime import determinism_record, resolve_device, use_cores, use_determinism
+from soups.train_input import TrainImages, augmentation_workers, epoch_batches
 
 
 class TrainingDivergedError(RuntimeError):
@@ -50,6 +51,8 @@ class FinetuneResult:
     checkpoint: Path
     metrics: dict[str, float]
     history: list[EpochReport] = field(default_factory=list)
+    runtime: dict[str, str] = field(default_factory=dict)
+    """What besides the config decided the numbers (`soups.runtime.determinism_record`)."""
 
 
 def zero_shot_start(model: ModelConfig, bundle: DatasetBundle, device: torch.device | str = "cpu") -> ClipClassifier:
@@ -81,6 +84,7 @@ class FinetuneInputs:
 def prepare_finetune(config: FinetuneConfig, device: torch.device | str = "cpu") -> FinetuneInputs:
     """Load the dataset and build the zero-shot start once for many runs; decode held-out, and train when it fits
     ``train.cache_bytes`` (otherwise each run streams it with ``train.workers`` processes)."""
+    use_determinism(config.train.deterministic)  # before the first CUDA work: cuBLAS reads its workspace once
     bundle = load_dataset(config.data)
     start = zero_shot_start(config.model, bundle, device)
     preprocess = Preprocess.of(start)
@@ -99,8 +103,9 @@ def finetune(
         raise ValueError("finetune inputs were prepared for another model or dataset than this run's config")
     train = config.train
     use_cores(train.threads)
+    use_determinism(train.deterministic)
     device = resolve_device(train.device)
-    torch.manual_seed(train.seed)
+    torch.manual_seed(train.seed)  # for modules that draw (dropout); CLIP's towers and the inputs never do
     classifier = copy.deepcopy(inputs.start).to(device)
     preprocess, train_set, heldout = inputs.preprocess, inputs.train, inputs.heldout
     zero_shot = evaluate(classifier, heldout, preprocess, batch_size=train.eval_batch_size, device=device)
@@ -118,7 +123,8 @@ def finetune(
         "train_seconds": seconds,
         "train_images_per_second": len(train_set) * train.epochs / seconds,
     }
-    return FinetuneResult(Path(out), metrics, history)
+    runtime = determinism_record(device, augmentation_workers(train))
+    return FinetuneResult(Path(out), metrics, history, runtime)
 
 
 def _train(
@@ -140,7 +146,7 @@ def _train(
         optimizer, warmup_cosine(train.warmup_steps, steps_per_epoch * train.epochs)
     )
     next_epoch = epoch_batches(train_set, preprocess, train, pin=cuda)  # pinned: host-to-GPU copies overlap
-    mixing = torch.Generator().manual_seed(train.seed)
+    mixing = np.random.default_rng(train.seed)  # the run's own: other threads never draw from it
     history = []
     for epoch in range(1, train.epochs + 1):
         classifier.train()
@@ -176,14 +182,14 @@ def _step_loss(
     images: torch.Tensor,
     labels: torch.Tensor,
     train: TrainConfig,
-    generator: torch.Generator,
+    generator: np.random.Generator,
 ) -> torch.Tensor:
     """Cross-entropy with label smoothing, on a mixup of the batch when mixup is on."""
     device_type = images.device.type
     mixing = train.mixup_alpha > 0
     if mixing:
-        lam = float(torch.distributions.Beta(train.mixup_alpha, train.mixup_alpha).sample())
-        perm = torch.randperm(len(labels), generator=generator).to(images.device)
+        lam = float(generator.beta(train.mixup_alpha, train.mixup_alpha))
+        perm = torch.from_numpy(generator.permutation(len(labels))).to(images.device)
         images = lam * images + (1 - lam) * images[perm]
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda" and train.bf16):
         logits = classifier(images).float()

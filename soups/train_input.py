@@ -2,20 +2,24 @@
 
 The train transform is timm's RandAugment (``rand-m{M}-n{N}``) behind a random resized crop at the model's
 resolution and a horizontal flip where the dataset allows it (``train.crop_scale``, ``train.hflip``).
-A train split that fits ``train.cache_bytes`` decoded is decoded once and augmented per batch in the
-training process (digits: seconds per run); a larger one is read by ``train.workers`` DataLoader processes
-that decode and augment, so memory stays at about workers x prefetch x batch images. Both draw the epoch's
-order from the same seeded generator, so with augmentation off they give the same batches. From memory the
-crop acts on the already centre-cropped image; streamed, on the whole image, as the paper's runs did.
+A train split that fits ``train.cache_bytes`` is decoded once; a larger one is decoded batch by batch. Either
+way every augmented image is made in ``train.workers`` DataLoader processes (at least one), never in the
+training process: timm and torchvision draw from process-global generators (Python's ``random``, numpy's,
+torch's), which other threads of a sweep's process also draw from (Prefect's websocket client masks every
+frame with ``random.getrandbits``), so augmenting there made a rerun of the same trial differ. A worker's
+generators are seeded from the trial's seed and belong to it alone. Without augmentation, a decoded split is
+batched in the training process (nothing random but the order). Both draw the epoch's order from the same
+seeded generator, so with augmentation off they give the same batches. From memory the crop acts on the
+already centre-cropped image; streamed, on the whole image, as the paper's runs did.
 """
 
 from __future__ import annotations
 
-import random
+import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
@@ -111,29 +115,61 @@ def epoch_batches(
     order = torch.Generator().manual_seed(train.seed)
     augment = train_transform(preprocess, train)
     if images.streamed:
-        return _streamed(images.dataset, augment or preprocess.decode_transform(), order, train, pin)
-    random.seed(train.seed)  # timm's RandAugment draws from Python's and numpy's global generators
-    np.random.seed(train.seed % 2**32)
+        return _loaded(Transformed(images.dataset, augment or preprocess.decode_transform()), order, train, pin)
+    if augment is not None:
+        return _loaded(_AugmentedTensors(images.decoded, augment), order, train, pin)
     decoded = images.decoded
 
     def epoch() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for index in BatchSampler(EpochOrder(len(decoded), order), train.batch_size, drop_last=False):
             batch = decoded.images[index]
-            if augment is not None:  # per image, as timm augments PIL images
-                batch = torch.stack([augment(v2.functional.to_pil_image(image)) for image in batch])
             yield (batch.pin_memory() if pin else batch), decoded.labels[index]
 
     return epoch
 
 
-def _streamed(dataset: Dataset, transform: Augment, order: torch.Generator, train: TrainConfig, pin: bool):
-    loader = DataLoader(
-        Transformed(dataset, transform),
-        batch_sampler=BatchSampler(EpochOrder(len(dataset), order), train.batch_size, drop_last=False),
-        num_workers=train.workers,
-        persistent_workers=train.workers > 0,
-        prefetch_factor=train.prefetch if train.workers > 0 else None,
-        pin_memory=pin,
-        generator=torch.Generator().manual_seed(train.seed),  # seeds each worker's torch, random and numpy
-    )
-    return lambda: iter(loader)
+class _AugmentedTensors(Dataset):
+    """Decoded uint8 images augmented one by one (timm augments PIL images), in a worker process."""
+
+    def __init__(self, decoded: ImageTensors, augment: Augment) -> None:
+        self.decoded, self.augment = decoded, augment
+
+    def __len__(self) -> int:
+        return len(self.decoded)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = v2.functional.to_pil_image(self.decoded.images[index])
+        return self.augment(image), int(self.decoded.labels[index])
+
+
+def augmentation_workers(train: TrainConfig) -> int:
+    """Worker processes that make a run's batches: ``train.workers``, at least one (see the module docstring)."""
+    return max(1, train.workers)
+
+
+def _loaded(dataset: Dataset, order: torch.Generator, train: TrainConfig, pin: bool):
+    with _workers_as_configured():
+        loader = DataLoader(
+            dataset,
+            batch_sampler=BatchSampler(EpochOrder(len(dataset), order), train.batch_size, drop_last=False),
+            num_workers=augmentation_workers(train),
+            persistent_workers=True,
+            prefetch_factor=train.prefetch,
+            pin_memory=pin,
+            generator=torch.Generator().manual_seed(train.seed),  # seeds each worker's torch, random and numpy
+        )
+
+    def epoch() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        with _workers_as_configured():
+            return iter(loader)
+
+    return epoch
+
+
+@contextmanager
+def _workers_as_configured() -> Iterator[None]:
+    """More workers than cores is the config's choice (the augmentations depend on the count, not on the
+    machine): no warning about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        yield

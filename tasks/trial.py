@@ -142,6 +142,7 @@ def _train_and_register(
         on_epoch=_epoch_reporter(client, run_id, trial, ref, config, finetune_config.train.epochs),
     )
     train_seconds = time.perf_counter() - train_started
+    log_params(client, run_id, flat_params(result.runtime, "runtime."))
     for key, value in result.metrics.items():
         if key not in EPOCH_METRICS:  # those are curves already, ending at the last epoch: no step-0 repeat
             client.log_metric(run_id, key, value, step=finetune_config.train.epochs)

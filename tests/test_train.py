@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
+import random
+import threading
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +19,12 @@ from soups.data import load_dataset
 from soups.evaluate import Evaluator, evaluation_splits
 from soups.models import load_classifier
 from soups.recipes import cook
+from soups.runtime import use_determinism
 from soups.train import EpochReport, finetune, prepare_finetune, warmup_cosine, zero_shot_start
+
+
+def sha256_of(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _config(pretrained, **train) -> FinetuneConfig:
@@ -46,11 +57,51 @@ def test_finetuning_improves_over_zero_shot(two_ingredients):
         assert run.checkpoint.suffix == ".safetensors" and run.checkpoint.is_file()
 
 
-def test_training_is_deterministic_on_cpu(pretrained_checkpoint, inputs, tmp_path):
+def _drawing_from_global_generators(stop: threading.Event) -> None:
+    """What a sweep's other threads do meanwhile: Prefect's websocket client masks every frame with
+    random.getrandbits, coolname names runs with random.randrange; anything may call torch.rand."""
+    while not stop.is_set():
+        random.getrandbits(32)
+        np.random.random()
+        torch.rand(1)
+        time.sleep(0.0005)
+
+
+def test_training_is_bit_identical_while_other_threads_draw_from_the_global_generators(
+    pretrained_checkpoint, inputs, tmp_path
+):
     config = _config(pretrained_checkpoint, epochs=1, randaugment_n=2, randaugment_m=9, mixup_alpha=0.4)
-    first = load_state_dict(finetune(config, inputs, tmp_path / "1.safetensors").checkpoint)
-    second = load_state_dict(finetune(config, inputs, tmp_path / "2.safetensors").checkpoint)
-    assert all(torch.equal(first[k], second[k]) for k in first)
+    quiet = finetune(config, inputs, tmp_path / "quiet.safetensors")
+    stop = threading.Event()
+    noise = threading.Thread(target=_drawing_from_global_generators, args=(stop,))
+    noise.start()
+    try:
+        busy = finetune(config, inputs, tmp_path / "busy.safetensors")
+    finally:
+        stop.set()
+        noise.join()
+    assert sha256_of(quiet.checkpoint) == sha256_of(busy.checkpoint), "same file, byte for byte"
+    assert quiet.metrics["heldout_accuracy"] == busy.metrics["heldout_accuracy"]
+    assert quiet.runtime == busy.runtime
+    assert quiet.runtime["torch_threads"] == str(torch.get_num_threads()) and quiet.runtime["timm"]
+
+
+def test_deterministic_mode_turns_on_pytorchs_deterministic_algorithms_and_the_cublas_setting(
+    pretrained_checkpoint, inputs, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    config = _config(pretrained_checkpoint, epochs=1, deterministic=True)
+    try:
+        run = finetune(config, inputs, tmp_path / "deterministic.safetensors")
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert run.runtime["deterministic"] == "True"
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+        with pytest.raises(ValueError, match="CUBLAS_WORKSPACE_CONFIG :4096:8 or :16:8"):
+            finetune(config, inputs, tmp_path / "refused.safetensors")
+    finally:
+        use_determinism(False)
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_epoch_callback_sees_every_epoch_and_can_stop_training(pretrained_checkpoint, inputs, tmp_path):

@@ -82,3 +82,34 @@ def test_weights_digest_ignores_metadata_but_not_weights(tmp_path):
     state_dict["layer.bias"] = state_dict["layer.bias"] + 1
     c = save_state_dict(state_dict, tmp_path / "c.safetensors")
     assert weights_digest(c) != weights_digest(a)
+
+
+_WRITE = """
+import sys, torch
+from soups.checkpoint import save_state_dict
+tensors = {f"layer{i}.weight": torch.arange(12.0).reshape(3, 4) + i for i in range(8)}
+metadata = {f"key{i}": f"value {i} ü \\"quoted\\"" for i in range(12)}
+save_state_dict(tensors, sys.argv[1], metadata)
+"""
+
+
+def test_the_same_checkpoint_written_by_two_processes_has_the_same_bytes(tmp_path):
+    """safetensors writes metadata in a per-process hash order; save_state_dict puts it in key order, so a
+    rerun's file has the same sha256 and loads the same metadata."""
+    import hashlib
+    import json
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    paths = [tmp_path / f"{n}.safetensors" for n in range(3)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", _WRITE, str(path)], check=True)
+    digests = {hashlib.sha256(path.read_bytes()).hexdigest() for path in paths}
+    assert len(digests) == 1
+    with safe_open(str(paths[0]), "pt") as f:
+        assert f.metadata()["key3"] == 'value 3 ü "quoted"' and len(f.metadata()) == 12
+    raw = paths[0].read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])

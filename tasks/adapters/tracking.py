@@ -262,6 +262,7 @@ def log_context(client: MlflowClient, run_id: str, config: PipelineConfig) -> No
     client.log_dict(run_id, config.model_dump(mode="json"), "config.json")
     params = {
         "sweep.sampler": config.sweep.sampler,
+        "sweep.seed": str(config.sweep.seed),
         "sweep.n_trials": str(config.sweep.n_trials),
         "sweep.parallel": str(config.sweep.parallel),
         "space": json.dumps({k: v.model_dump(exclude_defaults=True) for k, v in config.space.items()}),

@@ -14,9 +14,12 @@
    path pays one decode of the split up front.
 
 ``--gpu-compare`` (CUDA only; on CPU it says so and exits 0) runs finetune() with ``TrainConfig.bf16`` off
-and on and compares its training images/s (best of ``--repeats``).
+and on and compares its training images/s (best of ``--repeats``). ``--deterministic-compare`` does the same
+with ``TrainConfig.deterministic`` (what it costs on this device) and says whether each side's reruns left
+byte-identical weights (what it buys).
 
-    .venv/bin/python benchmarks/train.py [--model soups-vit-tiny] [--device auto] [--repeats 3] [--gpu-compare]
+    .venv/bin/python benchmarks/train.py [--model soups-vit-tiny] [--device auto] [--repeats 3]
+        [--gpu-compare | --deterministic-compare]
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from pathlib import Path
 
 import torch
 
+from soups.checkpoint import file_sha256
 from soups.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 from soups.data import load_dataset
 from soups.evaluate import evaluate
 from soups.images import Preprocess, StreamedImages, decode
-from soups.runtime import resolve_device, use_cores
+from soups.runtime import resolve_device, use_cores, use_determinism
 from soups.train import FinetuneInputs, finetune, prepare_finetune
 
 
@@ -63,20 +67,37 @@ def naive_evaluate(model, dataset, preprocess: Preprocess, batch_size: int, devi
     return correct / len(dataset)
 
 
+def compare_setting(config: FinetuneConfig, inputs: FinetuneInputs, setting: str, repeats: int) -> dict[bool, float]:
+    """finetune() itself with one boolean TrainConfig ``setting`` off and on (the only difference between runs):
+    best training images/s of each; says whether the runs of each side left byte-identical files."""
+    speeds = {}
+    with tempfile.TemporaryDirectory(prefix="soups-bench-") as tmp:
+        for value in (False, True):
+            variant = config.model_copy(update={"train": config.train.model_copy(update={setting: value})})
+            runs = [finetune(variant, inputs, Path(tmp) / f"{value}-{i}.safetensors") for i in range(repeats)]
+            speeds[value] = max(run.metrics["train_images_per_second"] for run in runs)
+            same = len({file_sha256(run.checkpoint) for run in runs}) == 1
+            print(f"  {setting} {value}: {repeats} runs, weights {'byte-identical' if same else 'differ'}")
+    use_determinism(False)
+    return speeds
+
+
 def gpu_compare(config: FinetuneConfig, inputs: FinetuneInputs, device: torch.device, repeats: int) -> None:
-    """finetune() itself with bf16 autocast on and off (TrainConfig.bf16): the only difference between runs."""
+    """bf16 autocast on and off (TrainConfig.bf16), CUDA only."""
     if device.type != "cuda":
         print("--gpu-compare needs CUDA (bf16 autocast is only used there); nothing to compare on CPU")
         return
     print(f"GPU: {torch.cuda.get_device_name(device)}; TF32 matmul allowed: {torch.backends.cuda.matmul.allow_tf32}")
-    speeds = {}
-    with tempfile.TemporaryDirectory(prefix="soups-bench-") as tmp:
-        for bf16 in (False, True):
-            variant = config.model_copy(update={"train": config.train.model_copy(update={"bf16": bf16})})
-            runs = [finetune(variant, inputs, Path(tmp) / "gpu.safetensors").metrics for _ in range(repeats)]
-            speeds[bf16] = max(m["train_images_per_second"] for m in runs)
+    speeds = compare_setting(config, inputs, "bf16", repeats)
     print(f"fine-tuning, fp32:             {speeds[False]:9.1f} images/s")
     print(f"fine-tuning, bf16 autocast:    {speeds[True]:9.1f} images/s  ({speeds[True] / speeds[False]:.2f}x)")
+
+
+def deterministic_compare(config: FinetuneConfig, inputs: FinetuneInputs, repeats: int) -> None:
+    """What train.deterministic costs and buys on this device: speed off vs on, and whether reruns match."""
+    speeds = compare_setting(config, inputs, "deterministic", repeats)
+    print(f"fine-tuning, deterministic off: {speeds[False]:9.1f} images/s")
+    print(f"fine-tuning, deterministic on:  {speeds[True]:9.1f} images/s  ({speeds[True] / speeds[False]:.2f}x)")
 
 
 def main() -> None:
@@ -87,6 +108,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement, best kept (default 3)")
     parser.add_argument("--candidates", type=int, default=5, help="models evaluated on one split (default 5)")
     parser.add_argument("--gpu-compare", action="store_true", help="CUDA only: fine-tuning with vs without bf16")
+    parser.add_argument(
+        "--deterministic-compare", action="store_true", help="fine-tuning with train.deterministic off vs on"
+    )
     parser.add_argument("--image-folder", type=Path, help="use an imagefolder dataset (root with train/ val/ test/)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the streamed evaluation")
     args = parser.parse_args()
@@ -104,6 +128,9 @@ def main() -> None:
     inputs = prepare_finetune(config, device)  # shared by every run, as in a sweep
     if args.gpu_compare:
         gpu_compare(config, inputs, device, args.repeats)
+        return
+    if args.deterministic_compare:
+        deterministic_compare(config, inputs, args.repeats)
         return
 
     runs = []

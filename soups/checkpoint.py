@@ -177,6 +177,15 @@ def iter_tensors(path: Path, keys: Sequence[str] | None = None) -> Iterator[tupl
         raise CheckpointError(f"{path}: cannot read tensors ({problem}); the file is damaged, fetch it again") from err
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (what the registry's ``sha256`` tags hold), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def weights_digest(path: Path) -> str:
     """sha256 of the tensors alone (names, dtypes, shapes, bytes, in key order). Equal weights give equal
     digests whatever the file's metadata, whose order safetensors does not keep stable across processes."""

@@ -280,8 +280,25 @@ class RecipeChoice(_Section):
 
     @property
     def key(self) -> str:
-        """The name of what it cooks in the leaderboard."""
+        """Which entry of the kitchen this is: its label, or the recipe's name."""
         return self.label or self.name
+
+    @property
+    def stored_name(self) -> str:
+        """The entry's name where a store needs one (its Prefect task run, its record)."""
+        from soups.names import stored_name
+
+        return stored_name(self.key)
+
+    def candidate_labels(self) -> list[str]:
+        """The leaderboard labels of what it cooks: the recipe's dish names, or the label (prefixing each dish's
+        name when the recipe cooks several)."""
+        from soups.recipes import get_recipe, recipe_options
+
+        names = get_recipe(self.name).names(recipe_options(self.name, self.options))
+        if not self.label:
+            return names
+        return [self.label] if len(names) == 1 else [f"{self.label}_{name}" for name in names]
 
     def grid_points(self) -> list[dict[str, Any]]:
         """The options of every grid point (all options when there is no grid)."""
@@ -318,6 +335,13 @@ class KitchenConfig(_Section):
         twice = sorted({k for k in keys if keys.count(k) > 1})
         if twice:
             raise ValueError(f"recipes {twice} are listed more than once; give each a distinct label")
+        from soups.names import unique_stored_names
+
+        labels = [label for choice in self.recipes for label in choice.candidate_labels()]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"recipes cook {twice} more than once; give the recipes distinct labels")
+        unique_stored_names(labels)
         return self
 
     def recipe_names(self) -> list[str]:

@@ -8,19 +8,21 @@ flow passes that `CookingSetup` to each step instead of rebuilding it.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from soups.checkpoint import Ingredient, load_state_dict, save_state_dict
+from soups.checkpoint import Ingredient, file_sha256, load_state_dict, save_state_dict
 from soups.config import PipelineConfig, RecipeChoice
 from soups.data import DatasetBundle, load_dataset
 from soups.evaluate import Evaluator, evaluation_splits
 from soups.images import ImageSplit, ImageTensors, Preprocess, cached_or_streamed
 from soups.models import empty_classifier
+from soups.names import stored_name
 from soups.pretrain import has_start
 from soups.recipes import Dish, FitSet, RecipeInputs, cook
 from soups.runtime import resolve_device
@@ -33,12 +35,18 @@ class Candidate:
     """One row of the leaderboard: a model, how it was made, and how it scores."""
 
     name: str
+    """Its label, for people: the leaderboard, report.md and log lines (``wise_ft_0.60``)."""
     recipe: str
     ingredients: list[str]
     scores: dict[str, float]
     checkpoint: Path | None = None
     details: dict[str, Any] = field(default_factory=dict)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    stored_name: str = field(init=False)
+    """What every store calls it (files, MLflow runs and logged models, tags, aliases): `soups.names`."""
+
+    def __post_init__(self) -> None:
+        self.stored_name = stored_name(self.name)
 
     @property
     def is_single_model(self) -> bool:
@@ -174,9 +182,8 @@ def cook_and_score(
         dishes = [tune_on_heldout(setup, choice, ingredients)]
     else:
         dishes = cook(choice.name, ingredients, setup.recipe_inputs, **choice.options)
-    if choice.label:
-        for dish in dishes:
-            dish.name = choice.label if len(dishes) == 1 else f"{choice.label}_{dish.name}"
+    for dish, label in zip(dishes, choice.candidate_labels(), strict=True):
+        dish.name = label
     return [_save_and_score(setup, dish, Path(out_dir)) for dish in dishes]
 
 
@@ -206,11 +213,11 @@ def _save_and_score(setup: CookingSetup, dish: Dish, out_dir: Path) -> Candidate
     if dish.state_dict is None:
         report = setup.evaluator.report(model=dish.model)
         return Candidate(dish.name, dish.recipe, names, report.scores, None, details, report.intervals)
-    checkpoint = save_state_dict(
-        dish.state_dict, out_dir / f"{dish.name}.safetensors", {"recipe": dish.recipe, "ingredients": json.dumps(names)}
-    )
     report = setup.evaluator.report(dish.state_dict)
-    return Candidate(dish.name, dish.recipe, names, report.scores, checkpoint, details, report.intervals)
+    candidate = Candidate(dish.name, dish.recipe, names, report.scores, None, details, report.intervals)
+    metadata = {"recipe": dish.recipe, "candidate": dish.name, "ingredients": json.dumps(names)}
+    candidate.checkpoint = save_state_dict(dish.state_dict, out_dir / f"{candidate.stored_name}.safetensors", metadata)
+    return candidate
 
 
 def jsonable(value: Any) -> Any:
@@ -222,3 +229,37 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]
     return value
+
+
+def save_cooked(record: Path, candidates: Sequence[Candidate]) -> None:
+    """What one kitchen step cooked and scored, written beside its checkpoints (atomically) as soon as it is
+    done, so a kitchen that fails later is resumed without cooking or scoring it again. Checkpoints are
+    recorded relative to the record's folder with their sha256."""
+    rows = []
+    for c in candidates:
+        row = {k: v for k, v in asdict(c).items() if k not in ("checkpoint", "stored_name")}
+        if c.checkpoint is not None:
+            row["checkpoint"] = os.path.relpath(c.checkpoint, record.parent)
+            row["sha256"] = file_sha256(c.checkpoint)
+        rows.append(row)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    partial = record.with_name(f".{record.name}.tmp")
+    partial.write_text(json.dumps(rows, indent=1))
+    os.replace(partial, record)
+
+
+def load_cooked(record: Path) -> list[Candidate] | None:
+    """The candidates `save_cooked` recorded, or None when there is no record or one of its checkpoints is gone
+    or changed (then the step is cooked again)."""
+    if not record.is_file():
+        return None
+    candidates = []
+    for row in json.loads(record.read_text()):
+        digest, relative = row.pop("sha256", None), row.pop("checkpoint", None)
+        checkpoint = (record.parent / relative).resolve() if relative else None
+        if checkpoint is not None and (not checkpoint.is_file() or file_sha256(checkpoint) != digest):
+            return None
+        intervals = {k: tuple(v) for k, v in row.pop("intervals").items()}
+        candidates.append(Candidate(**row, checkpoint=checkpoint, intervals=intervals))
+    return candidates
+

@@ -21,7 +21,6 @@ written, so an import fails on the file that is wrong, not later in the kitchen.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import warnings
@@ -33,7 +32,15 @@ from typing import Any, Literal, cast
 import open_clip
 import torch
 
-from soups.checkpoint import CheckpointError, StateDict, ensure_finite, load_state_dict, save_state_dict, weights_digest
+from soups.checkpoint import (
+    CheckpointError,
+    StateDict,
+    ensure_finite,
+    file_sha256,
+    load_state_dict,
+    save_state_dict,
+    weights_digest,
+)
 from soups.models import CheckpointMismatchError, classifier_from_state_dict, model_config
 
 Format = Literal["open_clip", "model-soups"]
@@ -149,7 +156,7 @@ def convert(path: Path, model_name: str, fmt: str, out_dir: Path) -> ConvertedCh
     out = save_state_dict(state_dict, Path(out_dir) / f"{path.stem}.safetensors", metadata)
     return ConvertedCheckpoint(
         path=out,
-        sha256=_sha256(out),
+        sha256=file_sha256(out),
         weights_sha256=weights_digest(out),
         num_classes=classifier.num_classes,
         source=path,
@@ -233,14 +240,6 @@ def _activation_notes(config: Mapping[str, Any], model_name: str, layout: Format
         f"{model_name!r} uses GELU, but the paper's checkpoints are OpenAI CLIP models trained with QuickGELU: they "
         f"load, but their outputs shift; to reproduce them exactly, {fix} (and cook with the same model.name)",
     )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _first(keys: list[str]) -> str:

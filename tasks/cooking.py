@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import task
@@ -27,16 +28,27 @@ from soups.checkpoint import (
     weights_digest,
 )
 from soups.config import PipelineConfig, RecipeChoice
-from soups.cooking import Candidate, CookingSetup, cook_and_score, promotable, score_ingredients
+from soups.cooking import (
+    Candidate,
+    CookingSetup,
+    cook_and_score,
+    load_cooked,
+    promotable,
+    save_cooked,
+    score_ingredients,
+)
+from soups.names import unique_stored_names
 from tasks.adapters.cache import ChecksumMismatchError, cached_artifact
 from tasks.adapters.tracking import (
     PARENT_RUN_TAG,
     client_for,
     ingredients_model_name,
+    nested_runs,
     run_url,
     tracked_run,
     weights_uri,
 )
+from tasks.kitchen_runs import failing_as
 
 
 class IngredientRef(BaseModel):
@@ -45,6 +57,7 @@ class IngredientRef(BaseModel):
     version: str
     run_id: str
     checkpoint: Path
+    sha256: str
     trial: int | None = None
     """The sweep trial that made it (None for imports)."""
 
@@ -69,15 +82,14 @@ class Gathered(BaseModel):
 
 
 @task(name="gather-ingredients")
-def gather_ingredients(config: PipelineConfig, run_id: str | None = None) -> Gathered:
+def gather_ingredients(config: PipelineConfig) -> Gathered:
     """Every registered version of the study (or the configured versions), from this machine's cache by sha256
     (downloaded and checked the first time, then reused by every kitchen run).
 
     A bad ingredient is skipped, not fatal: a version whose run did not finish (its process died between
     registering and finishing), whose checkpoint cannot be fetched, or whose copy fails its checksum. Each is
-    printed with its reason and, given the kitchen's ``run_id``, recorded on that run as the
-    ``skipped_ingredients`` tag (JSON: version -> reason). Fails when fewer than two usable ones remain of a
-    pool that lost some, or when none is usable."""
+    printed with its reason (the kitchen records them on its run). Fails when fewer than two usable ones remain
+    of a pool that lost some, when none is usable, or when two candidates would get one stored name."""
     from mlflow.exceptions import MlflowException
 
     client = client_for(config.tracking)
@@ -109,7 +121,8 @@ def gather_ingredients(config: PipelineConfig, run_id: str | None = None) -> Gat
                 number_tag = version.tags.get("trial_number", "")
                 is_trial = run.data.tags.get("kind") == "ingredient" and number_tag.isdigit()
                 trial = int(number_tag) if is_trial else None
-                refs.append(IngredientRef(version=number, run_id=version.run_id, checkpoint=path, trial=trial))
+                ref = IngredientRef(version=number, run_id=version.run_id, checkpoint=path, sha256=digest, trial=trial)
+                refs.append(ref)
         except (ChecksumMismatchError, CheckpointError) as err:
             skipped[number] = f"{type(err).__name__}: {' '.join(str(err).split())}; re-run that trial"
         except (MlflowException, OSError, KeyError) as err:
@@ -124,8 +137,6 @@ def gather_ingredients(config: PipelineConfig, run_id: str | None = None) -> Gat
     for version, why in foreign.items():
         skipped[version] = why[:1000]
         print(f"skipping ingredient version {version}: {skipped[version]}")
-    if skipped and run_id is not None:
-        client.set_tag(run_id, "skipped_ingredients", json.dumps(skipped)[:5000])
     if not refs or (skipped and len(refs) < 2):
         kept = ", ".join(r.version for r in refs) or "none"
         reasons = "; ".join(f"version {v}: {why}" for v, why in skipped.items())
@@ -133,6 +144,8 @@ def gather_ingredients(config: PipelineConfig, run_id: str | None = None) -> Gat
             f"only {len(refs)} usable ingredient(s) of study {config.study_name!r} (versions: {kept}), and a soup "
             f"needs two; skipped {reasons}. Re-run the sweep to register good ones"
         )
+    labels = [label for choice in config.kitchen.recipes for label in choice.candidate_labels()]
+    unique_stored_names([ref.name for ref in refs] + labels)
     print(f"gathered {len(refs)} ingredients: versions {', '.join(r.version for r in refs)}")
     return Gathered(refs=refs, skipped=skipped)
 
@@ -168,21 +181,42 @@ def foreign_layouts(refs: list[IngredientRef]) -> dict[str, str]:
     }
 
 
+def cooked_record(workdir: Path, step: str) -> Path:
+    """Where a kitchen step's candidates are recorded (`soups.cooking.save_cooked`)."""
+    return Path(workdir) / "cooked" / f"{step}.json"
+
+
 @task(name="score-ingredients", cache_policy=NO_CACHE)
-def score_ingredients_task(setup: CookingSetup, refs: list[IngredientRef]) -> list[Candidate]:
-    return score_ingredients(setup, [r.ingredient() for r in refs])
+def score_ingredients_task(setup: CookingSetup, refs: list[IngredientRef], workdir: Path) -> list[Candidate]:
+    """Each ingredient scored on every split, or read back from this kitchen run's record of it."""
+    record = cooked_record(workdir, "ingredients")
+    recorded = load_cooked(record)
+    if recorded is not None and [c.name for c in recorded] == [r.name for r in refs]:
+        print(f"ingredient scores read back from {record}")
+        return [replace(c, checkpoint=r.checkpoint) for c, r in zip(recorded, refs, strict=True)]
+    candidates = score_ingredients(setup, [r.ingredient() for r in refs])
+    save_cooked(record, [replace(c, checkpoint=None) for c in candidates])  # the cache keeps the files
+    return candidates
 
 
-@task(name="cook", task_run_name="cook-{choice.name}", cache_policy=NO_CACHE)
+@task(name="cook", task_run_name="cook-{choice.stored_name}", cache_policy=NO_CACHE)
 def cook_task(
     setup: CookingSetup,
     choice: RecipeChoice,
     refs: list[IngredientRef],
     heldout_scores: dict[str, float],
-    out_dir: Path,
+    workdir: Path,
 ) -> list[Candidate]:
-    ingredients = [r.ingredient(heldout_scores[r.name]) for r in refs]
-    candidates = cook_and_score(setup, choice, ingredients, out_dir)
+    """One kitchen entry cooked and scored, or read back when this kitchen run recorded it before it failed."""
+    record = cooked_record(workdir, f"recipe-{choice.stored_name}")
+    candidates = load_cooked(record)
+    if candidates is not None:
+        print(f"{choice.key}: read back from {record}, not cooked again")
+    else:
+        ingredients = [r.ingredient(heldout_scores[r.name]) for r in refs]
+        with failing_as("cook", choice.key):
+            candidates = cook_and_score(setup, choice, ingredients, Path(workdir) / "soups")
+        save_cooked(record, candidates)
     for c in candidates:
         print(
             f"{c.name}: held-out {c.scores['heldout']:.4f}, test {c.scores['test']:.4f}, "
@@ -218,14 +252,19 @@ def log_candidate_runs(
     from mlflow.entities import Metric
 
     client = client_for(config.tracking)
-    nested = client.search_runs([experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{kitchen_run_id}'", max_results=10_000)
-    has_run = {run.info.run_name for run in nested}
+    nested = nested_runs(client, experiment_id, kitchen_run_id)
     now = int(time.time() * 1000)
     for candidate in candidates:
-        if candidate.recipe == "ingredient" or candidate.name in has_run:
+        earlier = nested.get(candidate.stored_name)
+        if candidate.recipe == "ingredient" or (earlier is not None and earlier.info.status == "FINISHED"):
             continue
         tags = {PARENT_RUN_TAG: kitchen_run_id, "kind": "candidate", "recipe": candidate.recipe}
-        with tracked_run(client, experiment_id, candidate.name, tags) as run_id:
+        tags["candidate"] = candidate.name
+        resume = earlier.info.run_id if earlier is not None else None
+        with (
+            failing_as("log-candidates", candidate.name),
+            tracked_run(client, experiment_id, candidate.stored_name, tags, resume=resume) as run_id,
+        ):
             metrics = [Metric(key, value, now, 0) for key, value in candidate.scores.items()]
             client.log_batch(run_id, metrics=metrics)
             if "alpha" in candidate.details:
@@ -255,8 +294,12 @@ def log_kitchen_report(
     )
     from soups.reproduction import reproduction_report
 
-    client = client_for(config.tracking)
     board = leaderboard(candidates)
+    logged = cooked_record(workdir, "report")
+    if logged.is_file():  # a resumed kitchen: the same candidates, already reported (log_table would append)
+        print(f"leaderboard, figures and report.md were logged before this kitchen failed ({logged})")
+        return board.to_dict("records")
+    client = client_for(config.tracking)
     csv_path = Path(workdir) / "leaderboard.csv"
     board.to_csv(csv_path, index=False)
     client.log_artifact(run_id, str(csv_path))
@@ -280,7 +323,7 @@ def log_kitchen_report(
             figures[f"{recipe}_weights.png"] = mixing_weights_figure(c.details["coefficients"], c.ingredients)
     for c in candidates:
         if "grid" in c.details:
-            figures[f"{c.name}_grid.png"] = grid_figure(c.name, c.details["grid"], c.details["tuned"])
+            figures[f"{c.stored_name}_grid.png"] = grid_figure(c.name, c.details["grid"], c.details["tuned"])
     for name, figure in figures.items():
         client.log_figure(run_id, figure, name)
         plt.close(figure)
@@ -297,6 +340,7 @@ def log_kitchen_report(
     report_path.write_text(report)
     client.log_artifact(run_id, str(report_path))
     print(f"reproduction report: {report_path}")
+    logged.write_text(json.dumps({"figures": sorted(figures), "report": str(report_path)}))
     return board.to_dict("records")
 
 
@@ -327,24 +371,31 @@ def register_candidates(
         for v in client.search_model_versions(f"name='{config.experiment}'")
     }
     versions_by_name = {r.name: r.version for r in refs}
+    nested = nested_runs(client, experiment_id, kitchen_run_id)
     registered = []
     for candidate in promotable(candidates):
-        digest = weights_digest(candidate.checkpoint)
-        version = existing.get(digest)
-        if version is None:
-            lineage = {
-                "recipe": candidate.recipe,
-                "candidate": candidate.name,
-                "weights_sha256": digest,
-                "study": config.study_name,
-                "heldout": repr(candidate.scores["heldout"]),
-            }
-            if candidate.ingredients:  # the zero-shot row and the linear probe use none: no empty tag
-                lineage["ingredient_versions"] = ",".join(versions_by_name.get(n, n) for n in candidate.ingredients)
-            if "alpha" in candidate.details:  # WiSE-FT: which point of the α sweep this is
-                lineage["alpha"] = repr(candidate.details["alpha"])
-            version = _log_and_register(config, experiment_id, kitchen_run_id, candidate, setup, workdir, lineage)
-            existing[digest] = version
+        with failing_as("register-soups", candidate.name):
+            digest = weights_digest(candidate.checkpoint)
+            version = existing.get(digest)
+            if version is None:
+                lineage = {
+                    "recipe": candidate.recipe,
+                    "candidate": candidate.name,
+                    "stored_name": candidate.stored_name,
+                    "weights_sha256": digest,
+                    "study": config.study_name,
+                    "heldout": repr(candidate.scores["heldout"]),
+                }
+                if candidate.ingredients:  # the zero-shot row and the linear probe use none: no empty tag
+                    lineage["ingredient_versions"] = ",".join(versions_by_name.get(n, n) for n in candidate.ingredients)
+                if "alpha" in candidate.details:  # WiSE-FT: which point of the α sweep this is
+                    lineage["alpha"] = repr(candidate.details["alpha"])
+                earlier = nested.get(candidate.stored_name)
+                resume = earlier.info.run_id if earlier is not None else None
+                version = _log_and_register(
+                    config, experiment_id, kitchen_run_id, candidate, setup, workdir, lineage, resume
+                )
+                existing[digest] = version
         registered.append(
             RegisteredCandidate(
                 name=candidate.name,
@@ -384,16 +435,18 @@ def _log_and_register(
     setup: CookingSetup,
     workdir: Path,
     lineage: dict[str, str],
+    resume: str | None,
 ) -> str:
     """One nested run per soup (scores, details.json, the pyfunc model) and a registry version whose tags
-    are set at creation, so a version never exists without its sha256 and lineage."""
+    are set at creation, so a version never exists without its sha256 and lineage. ``resume``: the soup's run
+    from an earlier try of this kitchen, reopened (its logged model reused when it was uploaded whole)."""
     from mlflow.entities import Metric
 
-    from tasks.adapters.packaging import log_classifier_model
+    from tasks.adapters.packaging import log_classifier_model, logged_model_of
 
     client = client_for(config.tracking)
-    tags = {PARENT_RUN_TAG: kitchen_run_id, "kind": "soup", "recipe": candidate.recipe}
-    with tracked_run(client, experiment_id, candidate.name, tags) as run_id:
+    tags = {PARENT_RUN_TAG: kitchen_run_id, "kind": "soup", "recipe": candidate.recipe, "candidate": candidate.name}
+    with tracked_run(client, experiment_id, candidate.stored_name, tags, resume=resume) as run_id:
         for key, value in candidate.scores.items():
             client.log_metric(run_id, key, value)
         losses = candidate.details.get("losses", [])
@@ -411,10 +464,13 @@ def _log_and_register(
             coefficients = json.dumps(candidate.details["coefficients"])
             too_long = len(coefficients) > _TAG_LIMIT
             version_tags["coefficients"] = f"per tensor, see details.json of run {run_id}" if too_long else coefficients
-        folder = Path(workdir) / candidate.name
-        source, model_id = log_classifier_model(
-            client, run_id, candidate.checkpoint, setup.spec, folder, candidate.name
-        )
+        logged = logged_model_of(client, run_id, candidate.stored_name) if resume else None
+        if logged is None:
+            folder = Path(workdir) / "packages" / candidate.stored_name
+            logged = log_classifier_model(
+                client, run_id, candidate.checkpoint, setup.spec, folder, candidate.stored_name
+            )
+        source, model_id = logged
         version = client.create_model_version(
             config.experiment,
             source=source,

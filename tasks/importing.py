@@ -16,6 +16,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
+from soups.checkpoint import file_sha256
 from soups.config import PipelineConfig
 from soups.importing import ConvertedCheckpoint, convert
 from soups.models import model_config
@@ -26,7 +27,6 @@ from tasks.adapters.tracking import (
     ingredients_model_name,
     log_params,
     register_ingredient,
-    sha256_of,
     tracked_run,
 )
 
@@ -47,7 +47,7 @@ def import_checkpoints(config: PipelineConfig, files: Sequence[Path], fmt: str =
     next_index = sum("source_sha256" in v.tags for v in study)
     versions = []
     for path in map(Path, files):
-        source_sha256 = sha256_of(path)
+        source_sha256 = file_sha256(path)
         if source_sha256 in known:
             versions.append(_skipped(config, path, known[source_sha256], "this file"))
             continue

@@ -21,6 +21,7 @@ from soups.evaluate import Report
 from tasks.adapters.packaging import download_model_weights
 from tasks.adapters.tracking import client_for, ui_url
 from tasks.cooking import RegisteredCandidate
+from tasks.kitchen_runs import failing_as
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -53,8 +54,9 @@ def promote(
             f"no single-model candidates to promote (recipes: {config.kitchen.recipe_names()}); an ensemble is not one "
             "model: add 'best', 'uniform', 'greedy' or a learned soup to kitchen.recipes"
         )
-    with promotion_lock(config):  # read the champion, compare, move the alias: one step
-        metric = config.kitchen.promotion_metric
+    metric = config.kitchen.promotion_metric
+    leading = max(candidates, key=lambda c: selection_key(metric, c.scores, c.ingredients)).name
+    with failing_as("promote", leading), promotion_lock(config):  # read, compare, move the alias: one step
         client = client_for(config.tracking)
         name = config.experiment
         champion = _alias(client, name, CHAMPION)

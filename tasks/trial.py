@@ -18,6 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from soups.checkpoint import file_sha256
 from soups.config import PipelineConfig
 from soups.serving import ClassifierSpec
 from soups.train import EpochReport, FinetuneInputs
@@ -30,7 +31,6 @@ from tasks.adapters.tracking import (
     log_dataset_input,
     log_params,
     register_ingredient,
-    sha256_of,
     tracked_run,
 )
 from tasks.context import run_context
@@ -148,7 +148,7 @@ def _train_and_register(
             client.log_metric(run_id, key, value, step=finetune_config.train.epochs)
     package = checkpoint.with_suffix("")
     try:
-        digest = sha256_of(checkpoint)
+        digest = file_sha256(checkpoint)
         spec = ClassifierSpec(config.model.name, list(inputs.classnames), inputs.preprocess)
         source, model_id = log_classifier_model(client, run_id, checkpoint, spec, package, f"trial-{ref.number}")
     finally:

@@ -303,7 +303,7 @@ def test_importing_twice_registers_once(tmp_path, make_config, capsys):
 
 
 def test_the_kitchen_gathers_imported_ingredients_with_verified_checksums(tmp_path, make_config):
-    from tasks.adapters.tracking import sha256_of
+    from soups.checkpoint import file_sha256
     from tasks.cooking import gather_ingredients
     from tasks.importing import import_checkpoints
 
@@ -316,7 +316,7 @@ def test_the_kitchen_gathers_imported_ingredients_with_verified_checksums(tmp_pa
     registered = {str(v.version): v for v in _versions(config)}
     assert [r.version for r in refs] == versions == ["1", "2", "3"]
     for ref in refs:
-        assert sha256_of(ref.checkpoint) == registered[ref.version].tags["sha256"]
+        assert file_sha256(ref.checkpoint) == registered[ref.version].tags["sha256"]
         assert load_classifier(ref.checkpoint, TINY, 4).num_classes == 4
 
 

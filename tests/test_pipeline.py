@@ -19,6 +19,7 @@ from soups.config import PipelineConfig, load_config
 from soups.data import load_dataset
 from soups.images import Preprocess, decode
 from soups.models import empty_classifier
+from soups.names import stored_name
 
 EXPERIMENT = "test-soups"
 PARENT = "mlflow.parentRunId"
@@ -113,7 +114,7 @@ def test_soups_are_registered_with_lineage_and_the_champion_predicts(first_run):
     assert str(champion.version) == result["kitchen"]["promotion"]["candidate_version"]
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
     logged = {model.name for model in client.search_logged_models([experiment_id])}
-    assert {v.tags["candidate"] for v in soups} <= logged, "each soup is a logged model named after its recipe"
+    assert {v.tags["stored_name"] for v in soups} <= logged, "each soup is a logged model named after its candidate"
     mlflow.set_tracking_uri(config.tracking.resolved_mlflow_uri())
     model = mlflow.pyfunc.load_model(f"models:/{EXPERIMENT}@champion")
     preprocess = Preprocess.of(empty_classifier(config.model.name, 10))
@@ -137,7 +138,8 @@ def test_every_leaderboard_row_can_be_found_as_a_run_and_ingredients_carry_their
     experiment = client.get_experiment_by_name(EXPERIMENT)
     nested = client.search_runs([experiment.experiment_id], f"tags.`{PARENT}` = '{kitchen_run}'")
     rows = [row for row in result["kitchen"]["leaderboard"] if row["recipe"] != "ingredient"]
-    assert {row["model"] for row in rows} <= {run.info.run_name for run in nested}
+    assert {row["model"] for row in rows} <= {run.data.tags["candidate"] for run in nested}
+    assert all(run.info.run_name == stored_name(run.data.tags["candidate"]) for run in nested)
     wise = [run for run in nested if run.data.tags["recipe"] == "wise_ft"]
     assert len(wise) > 1 and all("heldout" in run.data.metrics for run in wise), "each WiSE-FT α is a run"
     evaluated = client.get_run(kitchen_run).inputs.dataset_inputs

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import random
 import threading
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from soups.checkpoint import Ingredient, load_state_dict
+from soups.checkpoint import Ingredient, file_sha256, load_state_dict
 from soups.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, paper_search_space
 from soups.data import load_dataset
 from soups.evaluate import Evaluator, evaluation_splits
@@ -21,10 +20,6 @@ from soups.models import load_classifier
 from soups.recipes import cook
 from soups.runtime import use_determinism
 from soups.train import EpochReport, finetune, prepare_finetune, warmup_cosine, zero_shot_start
-
-
-def sha256_of(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _config(pretrained, **train) -> FinetuneConfig:
@@ -80,7 +75,7 @@ def test_training_is_bit_identical_while_other_threads_draw_from_the_global_gene
     finally:
         stop.set()
         noise.join()
-    assert sha256_of(quiet.checkpoint) == sha256_of(busy.checkpoint), "same file, byte for byte"
+    assert file_sha256(quiet.checkpoint) == file_sha256(busy.checkpoint), "same file, byte for byte"
     assert quiet.metrics["heldout_accuracy"] == busy.metrics["heldout_accuracy"]
     assert quiet.runtime == busy.runtime
     assert quiet.runtime["torch_threads"] == str(torch.get_num_threads()) and quiet.runtime["timm"]

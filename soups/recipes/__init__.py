@@ -91,11 +91,18 @@ def recipe_options(name: str, options: Mapping[str, Any] | None = None) -> Recip
 def cook(
     name: str, ingredients: Sequence[Ingredient], inputs: RecipeInputs | None = None, **options: Any
 ) -> list[Dish]:
-    """Check the ingredients fit together, then run one recipe; returns its dishes (WiSE-FT gives several)."""
+    """Check the ingredients fit together, then run one recipe; returns its dishes (WiSE-FT gives several), named
+    as the recipe declares."""
     recipe, settings, inputs = get_recipe(name), recipe_options(name, options), inputs or RecipeInputs()
     inputs.require(name, *recipe.needs)
+    if len(ingredients) < recipe.min_ingredients:
+        raise ValueError(f"recipe {name!r} needs at least {recipe.min_ingredients} ingredients, got {len(ingredients)}")
     check_compatible([i.path for i in ingredients])
-    return recipe.cook(list(ingredients), inputs, settings)
+    dishes = recipe.cook(list(ingredients), inputs, settings)
+    declared = recipe.names(settings)
+    if [dish.name for dish in dishes] != declared:
+        raise RuntimeError(f"recipe {name!r} cooked {[d.name for d in dishes]} but declares {declared}; fix its names")
+    return dishes
 
 
 __all__ = [

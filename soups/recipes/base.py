@@ -103,6 +103,14 @@ class Recipe:
     summary: str = ""
     needs: tuple[str, ...] = ()
     """Parts of `RecipeInputs` it cannot cook without (checked before it runs)."""
+    min_ingredients: int = 1
+    """Fewer ingredients than this and the kitchen skips it with a note (Model Stock measures pairs)."""
+    dish_names: Callable[[Any], list[str]] | None = None
+    """The names of the dishes it cooks with given options, when they are not just its own name (one per
+    WiSE-FT alpha, greedy after its combine recipe): what the kitchen's labels and stored names come from."""
+
+    def names(self, options: RecipeOptions) -> list[str]:
+        return self.dish_names(options) if self.dish_names else [self.name]
 
 
 def best_ingredient(ingredients: Sequence[Ingredient]) -> Ingredient:

@@ -13,4 +13,6 @@ def best_single(ingredients: list[Ingredient], inputs: RecipeInputs, options: No
     return [Dish("best_single", "best", [best], state_dict=load_ingredient(best), details=details)]
 
 
-RECIPE = Recipe("best", best_single, NoOptions, "the best ingredient by held-out score")
+RECIPE = Recipe(
+    "best", best_single, NoOptions, "the best ingredient by held-out score", dish_names=lambda _: ["best_single"]
+)

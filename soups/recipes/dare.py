@@ -92,9 +92,19 @@ def dare(ingredients: list[Ingredient], inputs: RecipeInputs, options: DareOptio
     details = {"p": options.p, "combine": options.combine, "lambda": lam, "seed": options.seed}
     if options.combine == "ties":
         details["density"] = options.density
-    return [Dish(f"dare_{options.combine}", "dare", ingredients, state_dict=state_dict, details=details)]
+    (name,) = _dish_names(options)
+    return [Dish(name, "dare", ingredients, state_dict=state_dict, details=details)]
+
+
+def _dish_names(options: DareOptions) -> list[str]:
+    return [f"dare_{options.combine}"]
 
 
 RECIPE = Recipe(
-    "dare", dare, DareOptions, "drop and rescale task-vector entries, then sum or TIES-merge them", needs=("base",)
+    "dare",
+    dare,
+    DareOptions,
+    "drop and rescale task-vector entries, then sum or TIES-merge them",
+    needs=("base",),
+    dish_names=_dish_names,
 )

@@ -131,8 +131,12 @@ def greedy_recipe(ingredients: list[Ingredient], inputs: RecipeInputs, options: 
     }
     if combine is not None:
         details["combine_options"] = options.combine_options
-    name = "greedy" if combine is None else f"greedy_{options.combine}"
+    (name,) = _dish_names(options)
     return [Dish(name, "greedy", result.accepted, state_dict=result.state_dict, details=details)]
+
+
+def _dish_names(options: GreedyOptions) -> list[str]:
+    return ["greedy" if options.combine == "uniform" else f"greedy_{options.combine}"]
 
 
 def _combine_with(options: GreedyOptions, inputs: RecipeInputs) -> Combine:
@@ -153,5 +157,10 @@ def _combine_with(options: GreedyOptions, inputs: RecipeInputs) -> Combine:
 
 
 RECIPE = Recipe(
-    "greedy", greedy_recipe, GreedyOptions, "best-first, keep an ingredient if held-out holds up", needs=("evaluate",)
+    "greedy",
+    greedy_recipe,
+    GreedyOptions,
+    "best-first, keep an ingredient if held-out holds up",
+    needs=("evaluate",),
+    dish_names=_dish_names,
 )

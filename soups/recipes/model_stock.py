@@ -40,8 +40,6 @@ def interpolation_ratio(cos_theta: float, k: int) -> float:
 
 def model_stock(ingredients: list[Ingredient], inputs: RecipeInputs, options: NoOptions) -> list[Dish]:
     base = base_of("model_stock", inputs)
-    if len(ingredients) < 2:
-        raise ValueError("model_stock needs at least 2 ingredients: their agreement is measured between pairs")
     ratios: dict[str, float] = {}
 
     def merge(key: str, tensors: list[torch.Tensor], theta0: torch.Tensor) -> torch.Tensor:
@@ -54,5 +52,10 @@ def model_stock(ingredients: list[Ingredient], inputs: RecipeInputs, options: No
 
 
 RECIPE = Recipe(
-    "model_stock", model_stock, NoOptions, "ingredients' mean pulled toward zero-shot by agreement", needs=("base",)
+    "model_stock",
+    model_stock,
+    NoOptions,
+    "ingredients' mean pulled toward zero-shot by agreement",
+    needs=("base",),
+    min_ingredients=2,
 )

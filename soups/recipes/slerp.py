@@ -41,8 +41,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torc
 
 
 def slerp_recipe(ingredients: list[Ingredient], inputs: RecipeInputs, options: SlerpOptions) -> list[Dish]:
-    if len(ingredients) < 2:
-        raise ValueError("slerp needs at least 2 ingredients: two endpoints, or the best one and the soup")
     pair = len(ingredients) == 2
     start = 0 if pair else ingredients.index(best_ingredient(ingredients))
 
@@ -56,4 +54,10 @@ def slerp_recipe(ingredients: list[Ingredient], inputs: RecipeInputs, options: S
     return [Dish("slerp", "slerp", ingredients, state_dict=state_dict, details=details)]
 
 
-RECIPE = Recipe("slerp", slerp_recipe, SlerpOptions, "spherical interpolation: 2 ingredients, or best to uniform soup")
+RECIPE = Recipe(
+    "slerp",
+    slerp_recipe,
+    SlerpOptions,
+    "spherical interpolation: 2 ingredients, or best to uniform soup",
+    min_ingredients=2,
+)

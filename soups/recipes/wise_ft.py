@@ -29,6 +29,16 @@ class WiseFtOptions(RecipeOptions):
         return alphas
 
 
+def alpha_label(alpha: float) -> str:
+    """``wise_ft_0.60`` for the default grid's alphas; every digit of any other alpha, so two alphas never
+    share a label (``:.2f`` alone gave 0.123 and 0.124 one name)."""
+    return f"wise_ft_{alpha:.2f}" if round(alpha, 2) == alpha else f"wise_ft_{alpha!r}"
+
+
+def _dish_names(options: WiseFtOptions) -> list[str]:
+    return [alpha_label(alpha) for alpha in options.alphas]
+
+
 def wise_ft(ingredients: list[Ingredient], inputs: RecipeInputs, options: WiseFtOptions) -> list[Dish]:
     finetuned = best_ingredient(ingredients)
     check_compatible([inputs.base, finetuned.path])
@@ -36,7 +46,7 @@ def wise_ft(ingredients: list[Ingredient], inputs: RecipeInputs, options: WiseFt
     tuned = load_ingredient(finetuned)
     return [
         Dish(
-            f"wise_ft_{alpha:.2f}",
+            alpha_label(alpha),
             "wise_ft",
             [finetuned],
             state_dict=cast_like(blend(zero_shot, tuned, alpha), tuned),
@@ -47,7 +57,12 @@ def wise_ft(ingredients: list[Ingredient], inputs: RecipeInputs, options: WiseFt
 
 
 RECIPE = Recipe(
-    "wise_ft", wise_ft, WiseFtOptions, "interpolate zero-shot and best ingredient for each alpha", needs=("base",)
+    "wise_ft",
+    wise_ft,
+    WiseFtOptions,
+    "interpolate zero-shot and best ingredient for each alpha",
+    needs=("base",),
+    dish_names=_dish_names,
 )
 
 

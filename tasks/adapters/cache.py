@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from tasks.adapters.tracking import sha256_of
+from soups.checkpoint import file_sha256
 
 
 class ChecksumMismatchError(RuntimeError):
@@ -21,8 +21,8 @@ class ChecksumMismatchError(RuntimeError):
 def digest_of(path: Path) -> str:
     """sha256 of a file, or of a folder's sorted (relative name, file sha256) lines."""
     if path.is_file():
-        return sha256_of(path)
-    lines = [f"{f.relative_to(path).as_posix()} {sha256_of(f)}\n" for f in sorted(path.rglob("*")) if f.is_file()]
+        return file_sha256(path)
+    lines = [f"{f.relative_to(path).as_posix()} {file_sha256(f)}\n" for f in sorted(path.rglob("*")) if f.is_file()]
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 

@@ -76,6 +76,17 @@ def log_classifier_model(
     return logged.artifact_location, logged.model_id
 
 
+def logged_model_of(client: MlflowClient, run_id: str, name: str) -> tuple[str, str] | None:
+    """The logged model ``name`` that run ``run_id`` uploaded whole (READY), as (artifact location, id)."""
+    from mlflow.entities import LoggedModelStatus
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    for model in client.search_logged_models([experiment_id], filter_string=f"name = '{name}'"):
+        if model.source_run_id == run_id and model.status == LoggedModelStatus.READY:
+            return model.artifact_location, model.model_id
+    return None
+
+
 def download_model_weights(client: MlflowClient, name: str, version: str, folder: Path) -> Path:
     """The safetensors weights of a registered version, fetched locally from its source (never unpickled)."""
     import mlflow

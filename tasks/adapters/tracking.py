@@ -4,7 +4,6 @@ before any fan-out, so concurrent SQLite writers never race to create them."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -300,14 +299,6 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> 
         client.log_batch(run_id, params=items[start : start + 100])
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @contextmanager
 def tracked_run(
     client: MlflowClient,
@@ -315,10 +306,20 @@ def tracked_run(
     name: str,
     tags: Mapping[str, str],
     killed_by: tuple[type[BaseException], ...] = (),
+    resume: str | None = None,
 ) -> Iterator[str]:
     """An MLflow run that ends FINISHED, or FAILED with a ``failure_reason`` tag when the block raises (KILLED
-    with a ``killed_reason`` tag for the ``killed_by`` exceptions, e.g. a pruned trial): never left RUNNING."""
-    run_id = client.create_run(experiment_id, run_name=name, tags=dict(tags)).info.run_id
+    with a ``killed_reason`` tag for the ``killed_by`` exceptions, e.g. a pruned trial): never left RUNNING.
+    ``resume``: the id of a FAILED run to reopen instead (its failure moves to the ``previous_failure`` tag)."""
+    if resume is None:
+        run_id = client.create_run(experiment_id, run_name=name, tags=dict(tags)).info.run_id
+    else:
+        run_id = resume
+        previous = client.get_run(run_id).data.tags.get("failure_reason")
+        client.update_run(run_id, status="RUNNING")
+        if previous is not None:
+            client.set_tag(run_id, "previous_failure", previous)
+            client.delete_tag(run_id, "failure_reason")
     try:
         yield run_id
     except BaseException as err:
@@ -328,6 +329,17 @@ def tracked_run(
         client.set_terminated(run_id, "KILLED" if killed else "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
+
+
+def nested_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
+    """The runs nested under ``parent_run_id``, by run name (the newest when a name repeats)."""
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'",
+        max_results=10_000,
+        order_by=["attributes.start_time ASC"],
+    )
+    return {run.info.run_name: run for run in found}
 
 
 def log_dataset_input(client: MlflowClient, run_id: str, config: PipelineConfig, split: str, labels, context: str):

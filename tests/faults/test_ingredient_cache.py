@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from soups.checkpoint import save_state_dict
+from soups.checkpoint import file_sha256, save_state_dict
 from soups.config import load_config
-from tasks.adapters.tracking import client_for, ensure_experiment, ingredients_model_name, sha256_of
+from tasks.adapters.tracking import client_for, ensure_experiment, ingredients_model_name
 from tasks.cooking import gather_ingredients
 
 
@@ -19,7 +19,7 @@ def test_kitchen_runs_reuse_one_checked_copy_per_digest_and_fetch_a_changed_one_
         run_id = client.create_run(experiment_id).info.run_id
         client.log_artifact(run_id, str(checkpoint), "checkpoint")
         client.set_terminated(run_id, "FINISHED")
-        tags = {"study": config.study_name, "sha256": sha256_of(checkpoint), "checkpoint": checkpoint.name}
+        tags = {"study": config.study_name, "sha256": file_sha256(checkpoint), "checkpoint": checkpoint.name}
         source = f"{client.get_run(run_id).info.artifact_uri}/checkpoint"
         client.create_model_version(ingredients_model_name(config), source=source, run_id=run_id, tags=tags)
 
@@ -28,12 +28,12 @@ def test_kitchen_runs_reuse_one_checked_copy_per_digest_and_fetch_a_changed_one_
     cache = config.tracking.resolved_cache_dir()
     assert [r.checkpoint for r in first] == [r.checkpoint for r in second]
     assert all(r.checkpoint.parent.parent == cache for r in first)
-    assert sorted(p.name for p in cache.iterdir()) == sorted(sha256_of(r.checkpoint) for r in first)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(file_sha256(r.checkpoint) for r in first)
     assert len(list(cache.rglob("*.safetensors"))) == 2  # one copy each, however many kitchen runs
 
     first[0].checkpoint.write_bytes(b"changed on disk")
     capsys.readouterr()
     third = gather_ingredients.fn(config).refs
     assert "no longer has sha256" in capsys.readouterr().out
-    assert all(sha256_of(r.checkpoint) == r.checkpoint.parent.name for r in third)  # the registered content again
+    assert all(file_sha256(r.checkpoint) == r.checkpoint.parent.name for r in third)  # the registered content again
     assert [r.version for r in third] == ["1", "2"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 import signal
 import socket
@@ -314,8 +313,8 @@ def test_an_mlflow_database_of_another_version_is_one_line(tmp_path, capsys, rev
 
 
 def test_the_kitchen_skips_bad_ingredients_naming_each_and_fails_below_two(tmp_path, capsys):
-    from soups.checkpoint import save_state_dict
-    from tasks.adapters.tracking import client_for, ensure_experiment, ingredients_model_name, sha256_of
+    from soups.checkpoint import file_sha256, save_state_dict
+    from tasks.adapters.tracking import client_for, ensure_experiment, ingredients_model_name
     from tasks.cooking import gather_ingredients
 
     config = load_config(None, {"tracking.root": str(tmp_path / "data"), "pretrain": None})
@@ -333,7 +332,7 @@ def test_the_kitchen_skips_bad_ingredients_naming_each_and_fails_below_two(tmp_p
             checkpoint = save_state_dict(weights or {"w": torch.full((4,), float(number))}, path)
         run_id = client.create_run(experiment_id, tags={"kind": "ingredient", "study": config.study_name}).info.run_id
         client.log_artifact(run_id, str(checkpoint), "checkpoint")
-        tags = {"study": config.study_name, "sha256": sha256 or sha256_of(checkpoint), "checkpoint": checkpoint.name}
+        tags = {"study": config.study_name, "sha256": sha256 or file_sha256(checkpoint), "checkpoint": checkpoint.name}
         source = f"{client.get_run(run_id).info.artifact_uri}/checkpoint"
         client.create_model_version(ingredients_model_name(config), source=source, run_id=run_id, tags=tags)
         if reason:
@@ -350,9 +349,8 @@ def test_the_kitchen_skips_bad_ingredients_naming_each_and_fails_below_two(tmp_p
     register(7, "FINISHED", weights={"w": torch.zeros(5)})  # another architecture
     register(8, "FINISHED", weights=b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")  # checksummed, unreadable
     register(9, "FINISHED")
-    kitchen_run = client.create_run(experiment_id, tags={"kind": "kitchen"}).info.run_id
-
-    refs = gather_ingredients.fn(config, kitchen_run).refs
+    gathered = gather_ingredients.fn(config)
+    refs = gathered.refs
 
     assert [r.version for r in refs] == ["1", "4", "9"]
     out = capsys.readouterr().out
@@ -362,7 +360,7 @@ def test_the_kitchen_skips_bad_ingredients_naming_each_and_fails_below_two(tmp_p
     assert "skipping ingredient version 6: NonFiniteTensorError" in out
     assert "skipping ingredient version 7: IncompatibleCheckpointsError" in out and "shape [5]" in out
     assert "skipping ingredient version 8: CheckpointError" in out
-    skipped = json.loads(client.get_run(kitchen_run).data.tags["skipped_ingredients"])
+    skipped = gathered.skipped  # what the kitchen tags its run with (skipped_ingredients)
     assert sorted(skipped) == ["2", "3", "5", "6", "7", "8"] and "sha256" in skipped["2"]
 
     two_bad = config.model_copy(

@@ -84,11 +84,11 @@ def _cells_naming(database: Path, folder: Path) -> list[str]:
 def _use(config: PipelineConfig, scratch: Path) -> None:
     """What a stage does with the root: open it, gather the ingredients (downloaded from the artifact store and
     checked against their sha256 tags), and log a new run's artifact; all of it inside the root."""
+    from soups.checkpoint import file_sha256
     from tasks.adapters.tracking import (
         client_for,
         ensure_experiment,
         ingredients_model_name,
-        sha256_of,
         tracked_run,
     )
     from tasks.cooking import gather_ingredients
@@ -107,7 +107,7 @@ def _use(config: PipelineConfig, scratch: Path) -> None:
     assert [ref.version for ref in refs] == ["1", "2"]
     for ref in refs:
         assert ref.checkpoint.resolve().is_relative_to(root)
-        assert sha256_of(ref.checkpoint) == versions[ref.version].tags["sha256"]
+        assert file_sha256(ref.checkpoint) == versions[ref.version].tags["sha256"]
     note = scratch / "note.txt"
     note.write_text("logged after the root moved")
     with tracked_run(client, experiment_id, "after-the-move", {"kind": "test"}) as run_id:

@@ -35,12 +35,13 @@ def unique_stored_names(labels: list[str]) -> dict[str, str]:
     """label -> stored name for one kitchen's candidates; two labels with one stored name (a hand-written
     label ``wise_ft_0p60`` beside WiSE-FT's ``wise_ft_0.60``) are an error naming both."""
     names: dict[str, str] = {}
+    owners: dict[str, str] = {}  # stored name -> the label that has it
     for label in labels:
         name = stored_name(label)
-        clash = next((other for other, taken in names.items() if taken == name and other != label), None)
-        if clash is not None:
+        owner = owners.setdefault(name, label)
+        if owner != label:
             raise ValueError(
-                f"candidates {clash!r} and {label!r} would both be stored as {name!r}; give one of them another label"
+                f"candidates {owner!r} and {label!r} would both be stored as {name!r}; give one of them another label"
             )
         names[label] = name
     return names

@@ -56,12 +56,9 @@ def pretrain_command(args: argparse.Namespace) -> None:
 
     if not needs_offline_start(config):
         raise UsageError("this config fine-tunes from model.pretrained; set it to null and keep a pretrain section")
-    from soups.data import load_dataset
-    from soups.pretrain import pretrain, start_path
-    from soups.runtime import resolve_device
+    from soups.pretrain import pretrain_start
 
-    device = resolve_device(config.train.device)
-    result = pretrain(config.pretrain, config.model.name, load_dataset(config.data), start_path(config), device)
+    result = pretrain_start(config)
     print(f"zero-shot held-out accuracy {result.zero_shot_accuracy:.3f} after {result.seconds:.1f}s")
     print(f"pretrained checkpoint: {result.checkpoint}")
 
@@ -74,38 +71,38 @@ def stage_command(args: argparse.Namespace) -> None:
         from soups.pretrain import with_resolved_start
 
         config = with_resolved_start(config, missing_ok=args.command != "sweep")
-    check_pretrained(config.model.pretrained)
+    check_pretrained(config.model.start)
     prepare_environment(config.tracking.root)
-    check_stores(config, args.command)
+    experiment_id = check_stores(config, args.command)
     quiet_tracebacks()
     start_temporary_server(config.tracking)
     from prefect import tags
 
     # Every flow run of this command carries the experiment and study, to filter on in the Prefect UI.
     with tags(f"experiment:{config.experiment}", f"study:{config.study_name}"):
-        _run_stage(args.command, config)
+        _run_stage(args.command, config, experiment_id)
 
 
-def _run_stage(command: str, config) -> None:
+def _run_stage(command: str, config, experiment_id: str) -> None:
     started = time.perf_counter()
     if command == "run":
         from flows.pipeline import pipeline_flow
 
-        result = pipeline_flow(config)
+        result = pipeline_flow(config, experiment_id)
         _print_summary(config, result["kitchen"], time.perf_counter() - started)
     elif command == "sweep":
         from flows.sweep import sweep_flow
 
-        result = sweep_flow(config)
+        result = sweep_flow(config, experiment_id)
         print(f"{len(result['finished'])} trials finished, {len(result['failed'])} failed or pruned")
     elif command == "kitchen":
         from flows.kitchen import kitchen_flow
 
-        _print_summary(config, kitchen_flow(config), time.perf_counter() - started)
+        _print_summary(config, kitchen_flow(config, experiment_id), time.perf_counter() - started)
     else:
         from flows.promote import promote_flow
 
-        print(promote_flow(config)["outcome"])
+        print(promote_flow(config, experiment_id)["outcome"])
 
 
 def _print_summary(config, kitchen: dict, seconds: float) -> None:

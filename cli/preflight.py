@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from cli.common import UsageError
+from soups.pretrained import PretrainedStart
 
 
-def check_pretrained(pretrained: str | None) -> None:
+def check_pretrained(start: PretrainedStart) -> None:
     """A pretrained start that is a file must hold tensors only: fail here, in one line, before a server starts
     (torch's own error for a pickled file even suggests loading it unsafely)."""
-    if not pretrained or pretrained.startswith("local-dir:"):
-        return
-    path = Path(pretrained).expanduser()
-    if not path.is_file():
-        return  # an open_clip tag, or a missing file: the flow says which
+    path = start.path if start.kind == "file" else None
+    if path is None or not path.is_file():
+        return  # an open_clip tag, a folder, or a missing file: the flow says which
     from soups.checkpoint import CheckpointError, read_header
 
     if path.suffix == ".safetensors":
@@ -46,9 +44,10 @@ def unsafe_checkpoint(path, err: BaseException) -> str:
     )
 
 
-def check_stores(config, command: str) -> None:
+def check_stores(config, command: str) -> str:
     """The MLflow store (server reachable, database of this MLflow) and, for stages that sweep, the Optuna
-    storage (its driver installed) are checked, and created, before a Prefect server starts."""
+    storage (its driver installed) are checked, and created, before a Prefect server starts. Returns the
+    experiment id: the command's flow takes it instead of ensuring the experiment again."""
     from tasks.adapters.tracking import check_reachable, ensure_experiment
 
     check_reachable(config.tracking)
@@ -56,7 +55,7 @@ def check_stores(config, command: str) -> None:
         from tasks.adapters.studies import open_study
 
         open_study(config)
-    ensure_experiment(config)
+    return ensure_experiment(config)
 
 
 def check_dispatch(config, command: str) -> None:

@@ -13,9 +13,10 @@ from tasks.promotion import promote, registered_candidate, rescore
 
 
 @flow(name="promote", flow_run_name="promote-{config.experiment}", log_prints=True)
-def promote_flow(config: PipelineConfig) -> dict:
+def promote_flow(config: PipelineConfig, experiment_id: str | None = None) -> dict:
+    """``experiment_id``: the experiment the command that starts this flow ensured (a deployed run ensures it)."""
     config = with_resolved_start(config, missing_ok=True)  # re-scoring needs the architecture, not the start
-    experiment_id = ensure_experiment(config)
+    experiment_id = experiment_id or ensure_experiment(config)
     client = client_for(config.tracking)
     versions = [
         v

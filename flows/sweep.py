@@ -28,12 +28,13 @@ from tasks.trial import TrialOutcome, TrialRef, fail_trial
     log_prints=True,
     task_runner=ThreadPoolTaskRunner(max_workers=16),
 )
-def sweep_flow(config: PipelineConfig) -> dict:
+def sweep_flow(config: PipelineConfig, experiment_id: str | None = None) -> dict:
     """Run ``sweep.n_trials`` more trials of the study; returns what finished, failed and was pruned. Some
     failed trials are fine; none finished raises `NoTrialFinishedError` (the flow run fails). First it reaps
-    what killed sweeps left behind (see `reap_ghosts`). Trials run where ``sweep.dispatch`` says (flows/dispatch.py)."""
+    what killed sweeps left behind (see `reap_ghosts`). Trials run where ``sweep.dispatch`` says (flows/dispatch.py).
+    ``experiment_id``: the experiment the command that starts this flow ensured (a deployed run ensures it here)."""
     config = with_resolved_start(config)
-    experiment_id = ensure_experiment(config)
+    experiment_id = experiment_id or ensure_experiment(config)
     study = open_study(config)
     client = client_for(config.tracking)
     crash_flow_runs(reap_ghosts(config, study, client, experiment_id))

@@ -12,6 +12,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from soups.pretrained import PretrainedStart, parse_pretrained
+from soups.splits import OOD_VAL_MEAN
+
 
 class _Section(BaseModel):
     """Unknown fields are errors, so a typo in a config file never silently falls back to a default."""
@@ -26,6 +29,11 @@ class ModelConfig(_Section):
         description="open_clip pretrained tag, a local checkpoint file, 'local-dir:/dir', or null: then the flows "
         "fill in the offline pretrained start (or random init when `pretrain` is null) once, at their entry.",
     )
+
+    @property
+    def start(self) -> PretrainedStart:
+        """What ``pretrained`` names (`soups.pretrained`): the one place its prefixes are read."""
+        return parse_pretrained(self.pretrained)
 
 
 class DataConfig(_Section):
@@ -437,7 +445,7 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _ood_val_to_promote_on(self) -> PipelineConfig:
-        if self.kitchen.promotion_metric == "ood_val_mean" and not self.data.ood_val:
+        if self.kitchen.promotion_metric == OOD_VAL_MEAN and not self.data.ood_val:
             raise ValueError("kitchen.promotion_metric ood_val_mean needs data.ood_val sets; name some or use heldout")
         return self
 

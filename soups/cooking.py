@@ -17,22 +17,27 @@ from typing import Any
 import torch
 
 from soups.checkpoint import Ingredient, file_sha256, load_state_dict, save_state_dict
-from soups.config import PipelineConfig, RecipeChoice
+from soups.config import KitchenConfig, PipelineConfig, RecipeChoice
 from soups.data import DatasetBundle, load_dataset
 from soups.evaluate import Evaluator, evaluation_splits
 from soups.images import ImageSplit, ImageTensors, Preprocess, cached_or_streamed
 from soups.models import empty_classifier
 from soups.names import stored_name
 from soups.pretrain import has_start
-from soups.recipes import Dish, FitSet, RecipeInputs, cook
+from soups.recipes import Dish, FitSet, NoDetails, Recipe, RecipeDetails, RecipeInputs, cook, get_recipe
 from soups.runtime import resolve_device
 from soups.serving import ClassifierSpec
+from soups.splits import HELDOUT, HELDOUT_LOSS, ood_val_split
 from soups.train import zero_shot_start
+
+INGREDIENT = "ingredient"
+"""The `Candidate.recipe` of a raw ingredient (a fine-tune scored as it is; no recipe cooked it)."""
 
 
 @dataclass
 class Candidate:
-    """One row of the leaderboard: a model, how it was made, and how it scores."""
+    """One row of the leaderboard: a model, how it was made, and how it scores. Every output of the kitchen
+    (leaderboard row, figure, nested run, registry version, promotion) is keyed by its label."""
 
     name: str
     """Its label, for people: the leaderboard, report.md and log lines (``wise_ft_0.60``)."""
@@ -40,8 +45,12 @@ class Candidate:
     ingredients: list[str]
     scores: dict[str, float]
     checkpoint: Path | None = None
-    details: dict[str, Any] = field(default_factory=dict)
+    details: RecipeDetails = field(default_factory=NoDetails)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    tuned: dict[str, Any] | None = None
+    """The grid point the held-out scoring split chose, when its entry was tuned over a grid."""
+    grid: list[dict[str, Any]] = field(default_factory=list)
+    """Every grid point tried: {options, heldout, heldout_loss}."""
     stored_name: str = field(init=False)
     """What every store calls it (files, MLflow runs and logged models, tags, aliases): `soups.names`."""
 
@@ -53,20 +62,69 @@ class Candidate:
         """Ensembles cost N forward passes; only single models can be promoted."""
         return self.checkpoint is not None
 
+    @property
+    def is_ingredient(self) -> bool:
+        return self.recipe == INGREDIENT
+
+    @property
+    def made_by(self) -> Recipe | None:
+        """The recipe that cooked it; None for a raw ingredient."""
+        return None if self.is_ingredient else get_recipe(self.recipe)
+
+    def details_json(self) -> dict[str, Any]:
+        """Its details.json: ingredients, the recipe's details and, when tuned, the grid and its choice."""
+        tuning = {"tuned": self.tuned, "grid": self.grid} if self.tuned is not None else {}
+        return {"ingredients": self.ingredients, **self.details.as_json(), **tuning}
+
+    def tags(self) -> dict[str, str]:
+        """What a registry reader filters on: the recipe's own tags (WiSE-FT's alpha), the tuned options."""
+        tuned = {"tuned": json.dumps(self.tuned)} if self.tuned is not None else {}
+        return {**self.details.tags(), **tuned}
+
 
 def selection_key(metric: str, scores: dict[str, float], ingredients: int) -> tuple[float, float, int]:
     """Higher is better: the selection metric, then lower held-out loss, then fewer ingredients (cheaper to
     explain). Only held-out-derived numbers: test and the reported shift sets never choose a model."""
-    return scores[metric], -scores["heldout_loss"], -ingredients
+    return scores[metric], -scores[HELDOUT_LOSS], -ingredients
 
 
 def promotable(candidates: list[Candidate]) -> list[Candidate]:
-    """Single-model candidates other than raw ingredients; of the WiSE-FT sweep only its best α by held-out."""
-    chosen = [c for c in candidates if c.is_single_model and c.recipe not in ("ingredient", "wise_ft")]
-    wise = [c for c in candidates if c.recipe == "wise_ft"]
-    if wise:
-        chosen.append(max(wise, key=lambda c: selection_key("heldout", c.scores, len(c.ingredients))))
+    """Single models cooked by a recipe its module declares promotable (not raw ingredients); of a sweep
+    recipe's points (WiSE-FT's α) only the best by held-out."""
+    chosen, sweeps = [], {}
+    for c in candidates:
+        recipe = c.made_by
+        if recipe is None or not recipe.promotable or not c.is_single_model:
+            continue
+        if recipe.sweep is None:
+            chosen.append(c)
+        else:
+            sweeps.setdefault(recipe.name, []).append(c)
+    for points in sweeps.values():
+        chosen.append(max(points, key=lambda c: selection_key(HELDOUT, c.scores, len(c.ingredients))))
     return chosen
+
+
+@dataclass(frozen=True)
+class Menu:
+    """What one kitchen cooks, decided once from the config, the inputs and the ingredients: every entry that
+    can be cooked, in order, and the others (by entry key) with why they cannot."""
+
+    entries: list[RecipeChoice]
+    skipped: dict[str, str]
+
+
+def menu(kitchen: KitchenConfig, inputs: RecipeInputs, ingredients: int) -> Menu:
+    """The entries of ``kitchen`` whose recipes have the inputs they need (`Recipe.needs`: no zero-shot base
+    when fine-tunes made elsewhere are cooked without model.pretrained) and enough ingredients."""
+    entries, skipped = [], {}
+    for choice in kitchen.recipes:
+        why = get_recipe(choice.name).cannot_cook(inputs, ingredients)
+        if why is None:
+            entries.append(choice)
+        else:
+            skipped[choice.key] = why
+    return Menu(entries, skipped)
 
 
 @dataclass
@@ -96,19 +154,20 @@ def prepare_cooking(config: PipelineConfig, workdir: Path) -> CookingSetup:
     preprocess = Preprocess.of(classifier)
     splits, shifts = evaluation_splits(bundle, preprocess, config.eval.cache_bytes, config.eval.workers)
     fraction, seed = config.kitchen.learned_fit_fraction, config.data.seed
-    fit_rows, score_rows = heldout_partition(len(splits["heldout"]), fraction, seed)
-    fit, splits["heldout"] = splits["heldout"].subset(fit_rows), splits["heldout"].subset(score_rows)
+    fit_rows, score_rows = heldout_partition(len(splits[HELDOUT]), fraction, seed)
+    fit, splits[HELDOUT] = splits[HELDOUT].subset(fit_rows), splits[HELDOUT].subset(score_rows)
     left = max(0, config.eval.cache_bytes - sum(len(s) for s in splits.values()) * preprocess.image_bytes())
     ood = cached_or_streamed(list(bundle.ood_val.items()), preprocess, left, config.eval.workers)
     for name, dataset in bundle.ood_val.items():
         # Sets made from the held-out images themselves keep only the scoring part, like held-out.
-        splits[f"oodval_{name}"] = ood[name].subset(score_rows) if _same_images(dataset, bundle.heldout) else ood[name]
+        same = _same_images(dataset, bundle.heldout)
+        splits[ood_val_split(name)] = ood[name].subset(score_rows) if same else ood[name]
     evaluator = Evaluator(
         classifier,
         splits,
         preprocess,
         shifts=shifts,
-        ood_val=tuple(f"oodval_{name}" for name in bundle.ood_val),
+        ood_val=tuple(ood_val_split(name) for name in bundle.ood_val),
         class_subsets=_class_subsets(bundle),
         device=device,
         batch_size=config.train.eval_batch_size,
@@ -143,8 +202,8 @@ def split_heldout(data: ImageTensors, fit_fraction: float, seed: int) -> tuple[I
 
 
 def _train_images(config: PipelineConfig, bundle: DatasetBundle, preprocess: Preprocess) -> ImageSplit | None:
-    """The train split, only for recipes that read it (the linear probe): decoded if it fits, else streamed."""
-    if "linear_probe" not in config.kitchen.recipe_names():
+    """The train split, only when a recipe needs it (the linear probe): decoded if it fits, else streamed."""
+    if not any("train_images" in get_recipe(name).needs for name in config.kitchen.recipe_names()):
         return None
     split = cached_or_streamed([("train", bundle.train)], preprocess, config.eval.cache_bytes, config.eval.workers)
     return split["train"]
@@ -152,7 +211,7 @@ def _train_images(config: PipelineConfig, bundle: DatasetBundle, preprocess: Pre
 
 def _class_subsets(bundle: DatasetBundle) -> dict[str, list[int]]:
     """Evaluator split name -> the classes a shift or ood-validation set covers, when it covers only some."""
-    return {(f"oodval_{n}" if n in bundle.ood_val else n): classes for n, classes in bundle.class_subsets.items()}
+    return {(ood_val_split(n) if n in bundle.ood_val else n): classes for n, classes in bundle.class_subsets.items()}
 
 
 def _same_images(dataset: Any, heldout: Any) -> bool:
@@ -167,7 +226,12 @@ def score_ingredients(setup: CookingSetup, ingredients: Sequence[Ingredient]) ->
         report = setup.evaluator.report(load_state_dict(ingredient.path))
         candidates.append(
             Candidate(
-                ingredient.name, "ingredient", [ingredient.name], report.scores, ingredient.path, {}, report.intervals
+                ingredient.name,
+                INGREDIENT,
+                [ingredient.name],
+                report.scores,
+                ingredient.path,
+                intervals=report.intervals,
             )
         )
     return candidates
@@ -178,38 +242,44 @@ def cook_and_score(
 ) -> list[Candidate]:
     """Cook one recipe (its best grid point, when it has a grid), write each single-model dish to ``out_dir``,
     and score it on every split. A label names the dish (greedy_ties) when the recipe is listed twice."""
+    tuned, curve = None, []
     if choice.grid:
-        dishes = [tune_on_heldout(setup, choice, ingredients)]
+        dish, tuned, curve = tune_on_heldout(setup, choice, ingredients)
+        dishes = [dish]
     else:
         dishes = cook(choice.name, ingredients, setup.recipe_inputs, **choice.options)
+    candidates = []
     for dish, label in zip(dishes, choice.candidate_labels(), strict=True):
         dish.name = label
-    return [_save_and_score(setup, dish, Path(out_dir)) for dish in dishes]
+        candidate = _save_and_score(setup, dish, Path(out_dir))
+        candidate.tuned, candidate.grid = tuned, curve
+        candidates.append(candidate)
+    return candidates
 
 
-def tune_on_heldout(setup: CookingSetup, choice: RecipeChoice, ingredients: Sequence[Ingredient]) -> Dish:
+def tune_on_heldout(
+    setup: CookingSetup, choice: RecipeChoice, ingredients: Sequence[Ingredient]
+) -> tuple[Dish, dict[str, Any], list[dict[str, Any]]]:
     """Cook every grid point and keep the dish the held-out scoring split ranks first (accuracy, then loss);
-    the whole curve and the choice go into its details."""
-    best, best_key, curve = None, None, []
+    returns it with its grid point and the whole curve."""
+    best, best_key, tuned, curve = None, None, None, []
     for point in choice.grid_points():
         for dish in cook(choice.name, ingredients, setup.recipe_inputs, **point):
             if dish.state_dict is None:
                 raise ValueError(f"recipe {choice.name!r} cooks ensembles, which a grid cannot tune; drop its grid")
             setup.evaluator.load(dish.state_dict)
-            metrics = setup.evaluator.metrics("heldout")
+            metrics = setup.evaluator.metrics(HELDOUT)
             tried = {k: point[k] for k in choice.grid}
-            curve.append({"options": tried, "heldout": metrics.accuracy, "heldout_loss": metrics.loss})
+            curve.append({"options": tried, HELDOUT: metrics.accuracy, HELDOUT_LOSS: metrics.loss})
             key = (metrics.accuracy, -metrics.loss)
             if best_key is None or key > best_key:
-                best, best_key = dish, key
-                best.details = {**dish.details, "tuned": tried}
-    best.details["grid"] = curve
-    return best
+                best, best_key, tuned = dish, key, tried
+    return best, tuned, curve
 
 
 def _save_and_score(setup: CookingSetup, dish: Dish, out_dir: Path) -> Candidate:
     names = [i.name for i in dish.ingredients]
-    details = jsonable(dish.details)
+    details = dish.details
     if dish.state_dict is None:
         report = setup.evaluator.report(model=dish.model)
         return Candidate(dish.name, dish.recipe, names, report.scores, None, details, report.intervals)
@@ -220,24 +290,14 @@ def _save_and_score(setup: CookingSetup, dish: Dish, out_dir: Path) -> Candidate
     return candidate
 
 
-def jsonable(value: Any) -> Any:
-    """Details (trajectories, coefficients) as plain JSON types, for tags, artifacts and flow results."""
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    return value
-
-
 def save_cooked(record: Path, candidates: Sequence[Candidate]) -> None:
     """What one kitchen step cooked and scored, written beside its checkpoints (atomically) as soon as it is
     done, so a kitchen that fails later is resumed without cooking or scoring it again. Checkpoints are
     recorded relative to the record's folder with their sha256."""
     rows = []
     for c in candidates:
-        row = {k: v for k, v in asdict(c).items() if k not in ("checkpoint", "stored_name")}
+        row = {k: v for k, v in asdict(c).items() if k not in ("checkpoint", "stored_name", "details")}
+        row["details"] = c.details.as_json()
         if c.checkpoint is not None:
             row["checkpoint"] = os.path.relpath(c.checkpoint, record.parent)
             row["sha256"] = file_sha256(c.checkpoint)
@@ -260,6 +320,7 @@ def load_cooked(record: Path) -> list[Candidate] | None:
         if checkpoint is not None and (not checkpoint.is_file() or file_sha256(checkpoint) != digest):
             return None
         intervals = {k: tuple(v) for k, v in row.pop("intervals").items()}
-        candidates.append(Candidate(**row, checkpoint=checkpoint, intervals=intervals))
+        kind = NoDetails if row["recipe"] == INGREDIENT else get_recipe(row["recipe"]).details
+        details = kind.model_validate(row.pop("details"))
+        candidates.append(Candidate(**row, checkpoint=checkpoint, details=details, intervals=intervals))
     return candidates
-

@@ -304,13 +304,30 @@ def load_imagefolder_bundle(config: DataConfig) -> DatasetBundle:
         for name, listing in listings.items()
     }
     sets = {name: dataset for name, (dataset, _) in built.items()}
-    train, heldout, test_set = _arrange(sets, test, config, str(root))
-    extra = {name: dataset for name, dataset in sets.items() if name not in CORE_SPLITS}
-    shifts, ood_val = _set_aside_ood_val(extra, config, f"folders of {root}")
-    subsets = class_subsets({name: built[name][1] for name in extra}, keys, config.class_subsets, f"folders of {root}")
+    covered = {name: classes for name, (_, classes) in built.items()}
+    return _file_bundle("imagefolder", config, sets, covered, test, keys, (str(root / "train"), f"folders of {root}"))
+
+
+def _file_bundle(
+    name: str,
+    config: DataConfig,
+    sets: dict[str, Dataset],
+    covered: dict[str, set[int]],
+    test: str,
+    keys: list[str],
+    where: tuple[str, str],
+) -> DatasetBundle:
+    """The bundle of a dataset of image files (folders or a manifest's rows): its core splits arranged, the
+    other sets split into shifts and ood-val sets, the classes each covers. ``where``: (the source, how
+    messages name its sets)."""
+    source, sets_of = where
+    train, heldout, test_set = _arrange(sets, test, config, source)
+    extra = {split: dataset for split, dataset in sets.items() if split not in CORE_SPLITS}
+    shifts, ood_val = _set_aside_ood_val(extra, config, sets_of)
+    subsets = class_subsets({split: covered[split] for split in extra}, keys, config.class_subsets, sets_of)
     return DatasetBundle(
-        name="imagefolder",
-        classnames=resolve_classnames(config.classnames, keys, str(root / "train")),
+        name=name,
+        classnames=resolve_classnames(config.classnames, keys, source),
         templates=resolve_templates(config.templates, GENERIC_TEMPLATES),
         train=train,
         heldout=heldout,
@@ -369,22 +386,8 @@ def load_csv_bundle(config: DataConfig) -> DatasetBundle:
                 f"manifest {manifest} has no {split!r} rows; add some (or more rows per class for the automatic split)"
             )
     sets = {split: FileDataset(paths, labels, config.bad_files) for split, (paths, labels) in grouped.items()}
-    train, heldout, test_set = _arrange(sets, test, config, str(manifest))
-    extra = {split: dataset for split, dataset in sets.items() if split not in CORE_SPLITS}
-    shifts, ood_val = _set_aside_ood_val(extra, config, where)
-    subsets = class_subsets({name: set(ds.labels) for name, ds in extra.items()}, keys, config.class_subsets, where)
-    return DatasetBundle(
-        name="csv",
-        classnames=resolve_classnames(config.classnames, keys, str(manifest)),
-        templates=resolve_templates(config.templates, GENERIC_TEMPLATES),
-        train=train,
-        heldout=heldout,
-        test=test_set,
-        shifts=shifts,
-        pretrain=None,
-        ood_val=ood_val,
-        class_subsets=subsets,
-    )
+    covered = {split: set(dataset.labels) for split, dataset in sets.items()}
+    return _file_bundle("csv", config, sets, covered, test, keys, (str(manifest), where))
 
 
 DATASETS: dict[str, Callable[[DataConfig], DatasetBundle]] = {

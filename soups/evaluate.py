@@ -21,6 +21,7 @@ from soups.checkpoint import StateDict
 from soups.data import DatasetBundle
 from soups.images import ImageSplit, ImageTensors, Preprocess, cached_or_streamed
 from soups.intervals import bootstrap_interval
+from soups.splits import OOD_VAL_MEAN, SHIFT_MEAN
 
 
 def evaluation_splits(
@@ -128,7 +129,7 @@ class Evaluator:
         self.module = module.to(self.device).eval()
         self.splits = dict(splits)
         self.preprocess = preprocess
-        self.groups = {"shift_mean": shifts, "ood_val_mean": ood_val}
+        self.groups = {SHIFT_MEAN: shifts, OOD_VAL_MEAN: ood_val}
         self.batch_size = batch_size
         self.bootstrap, self.seed = bootstrap, seed
         self.class_subsets = dict(class_subsets or {})
@@ -137,7 +138,7 @@ class Evaluator:
 
     @property
     def shifts(self) -> tuple[str, ...]:
-        return self.groups["shift_mean"]
+        return self.groups[SHIFT_MEAN]
 
     def load(self, state_dict: StateDict) -> nn.Module:
         self.module.load_state_dict(state_dict, strict=True)

@@ -27,13 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from soups.checkpoint import CheckpointError, load_state_dict, save_state_dict
+from soups.pretrained import PretrainedStart, local_dir, parse_pretrained
 
 Transform = Callable[[Any], torch.Tensor]
 """An image transform: PIL image in, normalised [3, H, W] tensor out."""
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-LOCAL_DIR_PREFIX = "local-dir:"
-CHECKPOINT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
 _HUB_PROBE_TIMEOUT_S = 2.0
 _KEYS_SHOWN = 5
 _DETAIL_CHARS = 400
@@ -146,16 +145,6 @@ def _hub_offline(offline: bool) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = previous
 
 
-def _looks_like_path(pretrained: str) -> bool:
-    return (
-        os.sep in pretrained
-        or "/" in pretrained
-        or pretrained.startswith(("~", "."))
-        or Path(pretrained).suffix.lower() in CHECKPOINT_SUFFIXES
-        or Path(pretrained).is_file()
-    )
-
-
 def _how_to_point_locally(model_name: str) -> str:
     return (
         f"point model.pretrained at a local checkpoint of {model_name!r} instead: "
@@ -169,15 +158,15 @@ def _first_keys(keys: Sequence[str]) -> str:
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > _KEYS_SHOWN else shown
 
 
-def _from_local_dir(model_name: str, pretrained: str, device: str) -> tuple[nn.Module, Any, Any, str]:
-    folder = Path(pretrained[len(LOCAL_DIR_PREFIX) :]).expanduser()
+def _from_local_dir(model_name: str, start: PretrainedStart, device: str) -> tuple[nn.Module, Any, Any, str]:
+    folder = start.path
     if not folder.is_dir():
-        raise FileNotFoundError(f"pretrained folder {folder} (from {pretrained!r}) does not exist")
+        raise FileNotFoundError(f"pretrained folder {folder} (from {start.text!r}) does not exist")
     if not (folder / "open_clip_config.json").is_file():
         raise FileNotFoundError(
             f"pretrained folder {folder} has no open_clip_config.json; add one or point at a checkpoint file"
         )
-    identifier = f"{LOCAL_DIR_PREFIX}{folder}"
+    identifier = local_dir(folder)
     local_cfg = open_clip.get_model_config(identifier)
     expected = open_clip.get_model_config(model_name)
     if expected is not None and local_cfg != expected:
@@ -189,10 +178,10 @@ def _from_local_dir(model_name: str, pretrained: str, device: str) -> tuple[nn.M
     return model, train_tf, eval_tf, identifier
 
 
-def _from_file(model_name: str, pretrained: str, device: str) -> tuple[nn.Module, Any, Any]:
-    path = Path(pretrained).expanduser()
+def _from_file(model_name: str, start: PretrainedStart, device: str) -> tuple[nn.Module, Any, Any]:
+    path = start.path
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained checkpoint {path} does not exist (model.pretrained={pretrained!r})")
+        raise FileNotFoundError(f"pretrained checkpoint {path} does not exist (model.pretrained={start.text!r})")
     try:
         return open_clip.create_model_and_transforms(model_name, pretrained=str(path), device=device)
     except pickle.UnpicklingError:  # torch's own message advises weights_only=False, which would run the file's code
@@ -256,14 +245,17 @@ def create_clip(
     """
     model_config(model_name)
     device = str(device)
-    if not pretrained:
+    start = parse_pretrained(pretrained)
+    if start.kind == "none":
         with _quiet_random_init():
             model, train_tf, eval_tf = open_clip.create_model_and_transforms(model_name, device=device)
         return model, train_tf, eval_tf, model_name
-    if pretrained.startswith(LOCAL_DIR_PREFIX):
-        return _from_local_dir(model_name, pretrained, device)
-    if _looks_like_path(pretrained):
-        return (*_from_file(model_name, pretrained, device), model_name)
+    if start.kind == "local_dir":
+        return _from_local_dir(model_name, start, device)
+    if start.kind == "file":
+        return (*_from_file(model_name, start, device), model_name)
+    if start.kind == "registry":
+        raise ValueError(f"model.pretrained {pretrained!r} is a registry URI; fetch it first (flows/trial.py)")
     return (*_from_tag(model_name, pretrained, device), model_name)
 
 

@@ -29,11 +29,11 @@ from torch.utils.data import Dataset
 
 from soups.checkpoint import save_state_dict
 from soups.config import PipelineConfig, PretrainConfig
-from soups.data import DatasetBundle
+from soups.data import DatasetBundle, load_dataset
 from soups.evaluate import evaluate
 from soups.images import Preprocess, decode
 from soups.models import Transform, build_classifier, create_clip
-from soups.runtime import use_cores
+from soups.runtime import resolve_device, use_cores
 from soups.train import warmup_cosine
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -171,6 +171,12 @@ def zero_shot_accuracy(model_name: str, checkpoint: Path, bundle: DatasetBundle,
     classifier = build_classifier(model_name, str(checkpoint), bundle.classnames, bundle.templates, device)
     preprocess = Preprocess.of(classifier)
     return evaluate(classifier, decode(bundle.heldout, preprocess), preprocess, device=device).accuracy
+
+
+def pretrain_start(config: PipelineConfig) -> PretrainResult:
+    """This config's offline start, pretrained now on its training device and written to `start_path`."""
+    device = resolve_device(config.train.device)
+    return pretrain(config.pretrain, config.model.name, load_dataset(config.data), start_path(config), device)
 
 
 def start_path(config: PipelineConfig) -> Path:

@@ -1,4 +1,4 @@
-"""What people look at after a kitchen run: the leaderboard and three figures (no tracking code here)."""
+"""What people look at after a kitchen run: the leaderboard and its figures (no tracking code here)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Any
 
 import pandas as pd
 
-from soups.cooking import Candidate
+from soups.cooking import INGREDIENT, Candidate
+from soups.figures import canvas
+from soups.splits import HELDOUT, HELDOUT_LOSS
 
 
 def leaderboard(candidates: Sequence[Candidate]) -> pd.DataFrame:
@@ -19,9 +21,7 @@ def leaderboard(candidates: Sequence[Candidate]) -> pd.DataFrame:
         bounds = {f"{k}_{side}": v for k, (lo, hi) in c.intervals.items() for side, v in (("lo", lo), ("hi", hi))}
         rows.append({"model": c.name, "recipe": c.recipe, **c.scores, **bounds, "ingredients": len(c.ingredients)})
     board = pd.DataFrame(rows)
-    return board.sort_values(
-        ["heldout", "heldout_loss", "ingredients"], ascending=[False, True, True], ignore_index=True
-    )
+    return board.sort_values([HELDOUT, HELDOUT_LOSS, "ingredients"], ascending=[False, True, True], ignore_index=True)
 
 
 def accuracy_columns(board: pd.DataFrame) -> list[str]:
@@ -51,18 +51,48 @@ def format_leaderboard(board: pd.DataFrame) -> str:
     return shown.to_string(index=False)
 
 
-def accuracy_vs_shift_figure(board: pd.DataFrame, y: str = "test"):
-    """The paper's Figure 1: in-distribution accuracy against mean shift accuracy, ingredients and soups."""
-    import matplotlib
+def kitchen_figures(candidates: Sequence[Candidate], board: pd.DataFrame) -> dict[str, Any]:
+    """Every figure of a kitchen by file name: the paper's Figure 1 (test and held-out against shift), then per
+    candidate, in the order they were cooked, the figures its recipe declares and its grid's curve when tuned
+    (``<stored name>_<suffix>.png``: each candidate's own, however many share a recipe)."""
+    lines = sweep_lines(candidates)
+    figures = {
+        "accuracy_vs_shift.png": accuracy_vs_shift_figure(board, lines=lines),
+        "heldout_vs_shift.png": accuracy_vs_shift_figure(board, y="heldout", lines=lines),
+    }
+    for c in candidates:
+        recipe = c.made_by
+        if recipe is not None and recipe.figures is not None:
+            for suffix, figure in recipe.figures(c.details, c.ingredients).items():
+                figures[f"{c.stored_name}_{suffix}.png"] = figure
+        if c.tuned is not None:
+            figures[f"{c.stored_name}_grid.png"] = grid_figure(c.name, c.grid, c.tuned)
+    return figures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    ingredients = board[board.recipe == "ingredient"]
+def sweep_lines(candidates: Sequence[Candidate]) -> dict[str, list[str]]:
+    """Legend -> the labels of a sweep recipe's points in the order cooked, from its origin when it was cooked
+    (WiSE-FT's α line starts at the zero-shot model, α = 0)."""
+    cooked = {c.name for c in candidates}
+    lines: dict[str, list[str]] = {}
+    for c in candidates:
+        sweep = c.made_by.sweep if c.made_by is not None else None
+        if sweep is not None:
+            start = [sweep.origin] if sweep.origin in cooked else []
+            lines.setdefault(sweep.legend, start).append(c.name)
+    return lines
+
+
+def accuracy_vs_shift_figure(board: pd.DataFrame, y: str = "test", lines: dict[str, list[str]] | None = None):
+    """The paper's Figure 1: in-distribution accuracy against mean shift accuracy; ingredients as grey dots,
+    each other model a marker with its 95 % bounds, each sweep (``lines``: legend -> labels) one dashed line."""
+    lines = lines or {}
+    on_lines = {label for labels in lines.values() for label in labels[1:]}
+    fig, ax = canvas(7, 5)
+    ingredients = board[board.recipe == INGREDIENT]
     ax.scatter(ingredients.shift_mean, ingredients[y], c="0.6", label="ingredients", s=25)
     markers = iter("*s^DvP<>ohX")
-    for _, row in board[~board.recipe.isin(["ingredient", "wise_ft"])].iterrows():
+    for _, row in board[(board.recipe != INGREDIENT) & ~board.model.isin(on_lines)].iterrows():
         ax.errorbar(
             row.shift_mean,
             row[y],
@@ -74,9 +104,11 @@ def accuracy_vs_shift_figure(board: pd.DataFrame, y: str = "test"):
             lw=0.8,
             label=row.model,
         )
-    wise = board[board.recipe.isin(["zero_shot", "wise_ft"])].sort_values("model", key=_zero_shot_first)
-    if len(wise) > 1:
-        ax.plot(wise.shift_mean, wise[y], "--", c="tab:purple", lw=1, marker=".", label="WiSE-FT (α sweep)")
+    by_model = board.set_index("model")
+    for legend, labels in lines.items():
+        if len(labels) > 1:
+            points = by_model.loc[labels]
+            ax.plot(points.shift_mean, points[y], "--", c="tab:purple", lw=1, marker=".", label=legend)
     ax.set_xlabel("mean accuracy over shift sets")
     ax.set_ylabel(f"{y} accuracy")
     ax.set_title(f"{y} vs distribution-shift accuracy")
@@ -93,47 +125,9 @@ def _error(row: pd.Series, column: str) -> list[list[float]] | None:
     return [[row[column] - row[f"{column}_lo"]], [row[f"{column}_hi"] - row[column]]]
 
 
-def _zero_shot_first(models: pd.Series) -> pd.Series:
-    """WiSE-FT's α line starts at the zero-shot model (α = 0), then wise_ft_0.10 ... wise_ft_1.00."""
-    return models.where(models != "zero_shot", "wise_ft_0.00")
-
-
-def greedy_trajectory_figure(trajectory: Sequence[dict[str, Any]]):
-    """Held-out score of each candidate soup, in the order the greedy recipe tried them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = range(1, len(trajectory) + 1)
-    ax.plot(steps, [s["ingredient_score"] for s in trajectory], "o-", c="0.6", label="ingredient alone")
-    colours = ["tab:green" if s["accepted"] else "tab:red" for s in trajectory]
-    ax.scatter(
-        steps,
-        [s["candidate_score"] for s in trajectory],
-        c=colours,
-        s=60,
-        zorder=3,
-        label="soup with it (green: kept, red: dropped)",
-    )
-    ax.set_xticks(list(steps), [s["ingredient"] for s in trajectory], rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title("greedy soup trajectory (best ingredient first)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
 def grid_figure(name: str, curve: Sequence[dict[str, Any]], chosen: dict[str, Any]):
     """Held-out accuracy of every grid point a recipe was tuned over, the chosen one marked (like WiSE-FT's α)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = canvas(7, 4)
     labels = [", ".join(f"{k}={v}" for k, v in point["options"].items()) for point in curve]
     scores = [point["heldout"] for point in curve]
     ax.plot(range(len(curve)), scores, "o-", c="tab:blue")
@@ -144,28 +138,5 @@ def grid_figure(name: str, curve: Sequence[dict[str, Any]], chosen: dict[str, An
     ax.set_title(f"{name}: tuned on held-out")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def mixing_weights_figure(coefficients: list[float] | dict[str, list[float]], ingredient_names: Sequence[str]):
-    """Learned soup weights: a bar per ingredient (global) or a heat map of tensors × ingredients (by layer)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if isinstance(coefficients, dict):
-        keys = list(coefficients)
-        fig, ax = plt.subplots(figsize=(max(5, len(ingredient_names) * 0.6), max(4, len(keys) * 0.12)))
-        image = ax.imshow([coefficients[k] for k in keys], aspect="auto", cmap="viridis")
-        ax.set_yticks(range(len(keys)), keys, fontsize=4)
-        fig.colorbar(image, ax=ax, label="weight")
-    else:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.bar(range(len(coefficients)), coefficients)
-        ax.set_ylabel("weight")
-    ax.set_xticks(range(len(ingredient_names)), ingredient_names, rotation=45, ha="right", fontsize=7)
-    ax.set_title("learned soup mixing weights")
     fig.tight_layout()
     return fig

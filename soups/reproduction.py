@@ -8,22 +8,9 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+from soups.cooking import INGREDIENT
+from soups.recipes import RECIPES
 from soups.report import accuracy_columns
-
-PAPER_ROWS = (
-    "best_single",
-    "uniform",
-    "greedy",
-    "learned",
-    "learned_by_layer",
-    "ensemble",
-    "greedy_ensemble",
-    "zero_shot",
-    "linear_probe",
-)
-"""The rows of the paper's Table 1 (ViT-B/32 on ImageNet), in its order; the best WiSE-FT α follows."""
-
-COMPARISONS = (("greedy", "best_single"), ("uniform", "best_single"), ("learned", "uniform"), ("greedy", "uniform"))
 
 
 def _cell(row: pd.Series, column: str) -> str:
@@ -42,13 +29,21 @@ def _table(rows: pd.DataFrame, columns: Sequence[str]) -> list[str]:
 
 
 def paper_rows(board: pd.DataFrame) -> pd.DataFrame:
-    """The paper's rows that were cooked, in its order, plus the WiSE-FT α with the best held-out score."""
-    by_name = board.set_index("model", drop=False)
-    rows = [by_name.loc[name] for name in PAPER_ROWS if name in by_name.index]
-    wise = board[board.recipe == "wise_ft"]
-    if len(wise):
-        rows.append(wise.iloc[0])  # the board is ordered by held-out selection already
+    """The rows of the paper's Table 1 that were cooked, in its order (`Recipe.paper_row`): each recipe's plain
+    entry, and of a sweep recipe's points (WiSE-FT's α) the one with the best held-out score."""
+    rows = []
+    for recipe in sorted((r for r in RECIPES.values() if r.paper_row is not None), key=lambda r: r.paper_row):
+        cooked = board[board.recipe == recipe.name]
+        if recipe.sweep is None:
+            cooked = cooked[cooked.model.isin(recipe.default_names())]
+        if len(cooked):
+            rows.append(cooked.iloc[0])  # the board is ordered by held-out selection already
     return pd.DataFrame(rows).reset_index(drop=True)
+
+
+def comparisons() -> list[tuple[str, str]]:
+    """(row, the row the paper reports it beating), as the recipes declare them (`Recipe.compared_with`)."""
+    return [(recipe.default_names()[0], other) for recipe in RECIPES.values() for other in recipe.compared_with]
 
 
 def resolved_orderings(board: pd.DataFrame, column: str) -> list[str]:
@@ -58,7 +53,7 @@ def resolved_orderings(board: pd.DataFrame, column: str) -> list[str]:
         return []
     by_name = board.set_index("model")
     lines = []
-    for a, b in COMPARISONS:
+    for a, b in comparisons():
         if a not in by_name.index or b not in by_name.index:
             continue
         first, second = by_name.loc[a], by_name.loc[b]
@@ -84,7 +79,7 @@ def reproduction_report(
     """The whole report as markdown; ``figures`` are file names logged beside it; ``skipped``: registered
     ingredient versions left out of this kitchen, with why."""
     columns = accuracy_columns(board)
-    ingredients = int((board.recipe == "ingredient").sum())
+    ingredients = int((board.recipe == INGREDIENT).sum())
     sizes = ", ".join(f"{name} {count}" for name, count in split_sizes.items())
     interval = f"95 % bootstrap intervals over images ({resamples} resamples, seeded)" if resamples else "no intervals"
     lines = [

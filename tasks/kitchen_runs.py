@@ -11,15 +11,52 @@ import json
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from mlflow import MlflowClient
 
 from soups.config import PipelineConfig
-from tasks.context import git_commit
+from tasks.adapters.tracking import client_for, tracked_run
+from tasks.context import git_commit, run_context
 
 FINGERPRINT_TAG = "kitchen.fingerprint"
+
+
+@dataclass(frozen=True)
+class KitchenRun:
+    """One kitchen's run context, made once and taken by every kitchen task after gathering: the config, the
+    MLflow client, the experiment and the kitchen's run, and its work folder (records, soups, packages)."""
+
+    config: PipelineConfig
+    client: MlflowClient
+    experiment_id: str
+    run_id: str
+    workdir: Path
+    resumed: bool
+    """Whether this run failed before and was reopened (its context and parameters are logged already)."""
+
+
+@contextmanager
+def kitchen_run(config: PipelineConfig, experiment_id: str, ingredients: dict[str, str]) -> Iterator[KitchenRun]:
+    """The kitchen's MLflow run, opened (or, when a kitchen with the same fingerprint failed, reopened) around
+    the block; ``ingredients``: version -> sha256. A failure inside keeps its work (`failures_kept`)."""
+    client = client_for(config.tracking)
+    fingerprint = kitchen_fingerprint(config, ingredients)
+    resume = resumable_kitchen(client, experiment_id, fingerprint)
+    if resume is not None:
+        print(f"going on with kitchen run {resume}, which failed with this config and these ingredients")
+    tags = {
+        "kind": "kitchen",
+        "study": config.study_name,
+        FINGERPRINT_TAG: fingerprint,
+        **run_context("flows/kitchen.py:kitchen_flow"),
+    }
+    with tracked_run(client, experiment_id, f"kitchen-{config.study_name}", tags, resume=resume) as run_id:
+        workdir = (config.tracking.root / "kitchen" / run_id).resolve()
+        with failures_kept(client, run_id, workdir, "soups kitchen"):
+            yield KitchenRun(config, client, experiment_id, run_id, workdir, resumed=resume is not None)
 
 
 class StepFailed(RuntimeError):

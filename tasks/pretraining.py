@@ -19,12 +19,9 @@ def pretrain_task(config: PipelineConfig) -> PipelineConfig:
     if out.is_file():
         print(f"reusing pretrained start {out}")
         return with_resolved_start(config)
-    from soups.data import load_dataset
-    from soups.pretrain import pretrain
-    from soups.runtime import resolve_device
+    from soups.pretrain import pretrain_start
 
-    device = resolve_device(config.train.device)
-    result = pretrain(config.pretrain, config.model.name, load_dataset(config.data), out, device=device)
+    result = pretrain_start(config)
     print(
         f"pretrained {config.model.name} in {result.seconds:.1f}s: zero-shot held-out accuracy "
         f"{result.zero_shot_accuracy:.3f} -> {out}"

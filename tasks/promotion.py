@@ -20,8 +20,8 @@ from soups.cooking import CookingSetup, selection_key
 from soups.evaluate import Report
 from tasks.adapters.packaging import download_model_weights
 from tasks.adapters.tracking import client_for, ui_url
-from tasks.cooking import RegisteredCandidate
 from tasks.kitchen_runs import failing_as
+from tasks.registration import RegisteredCandidate
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 

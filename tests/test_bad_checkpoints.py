@@ -90,9 +90,7 @@ def test_existing_output_survives_a_failed_cook(tmp_path, capsys):
     good = write_ingredients(tmp_path, [1])
     out = tmp_path / "soup.safetensors"
     out.write_bytes(b"previous soup")
-    code = main(
-        ["cook", "uniform", "--out", str(out), str(good[0].path), str(tmp_path / "missing.safetensors")]
-    )
+    code = main(["cook", "uniform", "--out", str(out), str(good[0].path), str(tmp_path / "missing.safetensors")])
     assert code != 0 and out.read_bytes() == b"previous soup"
 
 
@@ -159,8 +157,22 @@ def test_cli_cooks_any_file_recipe_with_a_base_and_named_params(tmp_path, capsys
     assert torch.allclose(load_state_dict(out)[key], expected, atol=1e-6)
     assert main(["cook", "ties", "--out", str(tmp_path / "t.safetensors"), *[str(g.path) for g in good]]) == 2
     assert "pass --base" in capsys.readouterr().err
-    assert main(["cook", "ties", "--base", str(base), "--param", "densty=0.2", "--out", str(tmp_path / "t.safetensors"),
-                 *[str(g.path) for g in good]]) == 2
+    assert (
+        main(
+            [
+                "cook",
+                "ties",
+                "--base",
+                str(base),
+                "--param",
+                "densty=0.2",
+                "--out",
+                str(tmp_path / "t.safetensors"),
+                *[str(g.path) for g in good],
+            ]
+        )
+        == 2
+    )
     assert "allowed options: density" in capsys.readouterr().err
     assert main(["cook", "uniform", "--out", str(tmp_path), *[str(g.path) for g in good]]) == 2
     assert "is a directory" in capsys.readouterr().err

@@ -61,9 +61,7 @@ def test_ties_follow_the_chosen_rule(tmp_path):
 
 
 def test_unscored_ingredients_are_scored_first(tmp_path):
-    ingredients = _constant_models(
-        tmp_path, {"a": 0.0, "b": 2.0, "c": 4.0}, {"a": None, "b": None, "c": None}
-    )
+    ingredients = _constant_models(tmp_path, {"a": 0.0, "b": 2.0, "c": 4.0}, {"a": None, "b": None, "c": None})
     evaluate = ScriptedEvaluate({0.0: 0.5, 2.0: 0.7, 4.0: 0.6, 3.0: 0.75, 2.6667: 0.70})
     result = greedy_soup(ingredients, evaluate)
     assert result.evaluations == 3 + 2
@@ -77,4 +75,4 @@ def test_greedy_recipe_through_the_registry(tmp_path):
         cook("greedy", ingredients)
     (dish,) = cook("greedy", ingredients, RecipeInputs(evaluate=ScriptedEvaluate({2.0: 0.91})))
     assert dish.recipe == "greedy" and len(dish.ingredients) == 2
-    assert dish.details["evaluations"] == 1 and len(dish.details["trajectory"]) == 2
+    assert dish.details.evaluations == 1 and len(dish.details.trajectory) == 2

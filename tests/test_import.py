@@ -304,7 +304,7 @@ def test_importing_twice_registers_once(tmp_path, make_config, capsys):
 
 def test_the_kitchen_gathers_imported_ingredients_with_verified_checksums(tmp_path, make_config):
     from soups.checkpoint import file_sha256
-    from tasks.cooking import gather_ingredients
+    from tasks.gathering import gather_ingredients
     from tasks.importing import import_checkpoints
 
     config = make_config()

@@ -34,10 +34,10 @@ def test_a_grid_is_tuned_on_heldout_and_keeps_the_whole_curve(kitchen, tmp_path)
     setup, pool = kitchen
     choice = RecipeChoice(name="task_arithmetic", label="ta_tuned", grid={"lambda": [0.0, 0.5, 1.0]})
     (candidate,) = cook_and_score(setup, choice, pool, tmp_path)
-    curve = candidate.details["grid"]
+    curve = candidate.grid
     assert [point["options"] for point in curve] == [{"lambda": 0.0}, {"lambda": 0.5}, {"lambda": 1.0}]
     best = max(curve, key=lambda point: (point["heldout"], -point["heldout_loss"]))
-    assert candidate.details["tuned"] == best["options"], "the held-out scoring split chooses"
+    assert candidate.tuned == best["options"], "the held-out scoring split chooses"
     assert candidate.name == "ta_tuned" and candidate.recipe == "task_arithmetic"
     assert candidate.scores["heldout"] == pytest.approx(best["heldout"])
 
@@ -46,8 +46,8 @@ def test_a_labelled_greedy_variant_builds_its_candidates_with_another_recipe(kit
     setup, pool = kitchen
     choice = RecipeChoice(name="greedy", label="greedy_ties", options={"combine": "ties"})
     (candidate,) = cook_and_score(setup, choice, pool, tmp_path)
-    assert candidate.name == "greedy_ties" and candidate.details["combine"] == "ties"
-    assert len(candidate.details["trajectory"]) == len(pool)
+    assert candidate.name == "greedy_ties" and candidate.details.combine == "ties"
+    assert len(candidate.details.trajectory) == len(pool)
 
 
 def test_the_default_kitchen_cooks_greedy_variants_and_grids_are_validated():
@@ -79,8 +79,8 @@ def test_the_linear_probe_freezes_the_start_and_picks_its_weight_decay_on_heldou
     start, weights = load_state_dict(setup.recipe_inputs.base), load_state_dict(probe.checkpoint)
     assert all(torch.equal(weights[k], start[k]) for k in start if k.startswith("visual.")), "the tower is frozen"
     assert not torch.equal(weights["head.weight"], start["head.weight"])
-    curve = probe.details["curve"]
+    curve = probe.details.curve
     assert [point["weight_decay"] for point in curve] == [0.0, 1e-4, 1e-3, 1e-2, 1e-1]
-    assert probe.details["weight_decay"] == max(curve, key=lambda point: point["heldout"])["weight_decay"]
-    assert probe.details["train_images"] == len(setup.recipe_inputs.train_images)
+    assert probe.details.weight_decay == max(curve, key=lambda point: point["heldout"])["weight_decay"]
+    assert probe.details.train_images == len(setup.recipe_inputs.train_images)
     assert probe.scores["heldout"] > zero_shot.scores["heldout"], "a trained head beats a random start's text head"

@@ -15,9 +15,7 @@ from soups.recipes.learned import LearnedOptions, learn_mixing
 
 
 def _small_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 16, 10)
-    )
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 16, 10))
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +74,10 @@ def test_learned_soup_favours_the_good_ingredient(digits, pool):
     inputs = RecipeInputs(module=_small_cnn(), fit_batches=_fit_set(digits))
     (uniform,) = cook("uniform", ingredients)
     (learned,) = cook("learned", ingredients, inputs, steps=50, batch_size=128)
-    weights = learned.details["coefficients"]
+    weights = torch.tensor(learned.details.coefficients)
     assert weights.shape == (3,) and torch.isclose(weights.sum(), torch.tensor(1.0))
     assert weights[0] > 0.6 and weights[0] > weights[1:].max()
-    losses = learned.details["losses"]
+    losses = learned.details.losses
     assert losses[-1] < losses[0], "held-out loss drops while learning the mix"
     uniform_loss, _ = _loss_and_accuracy(uniform.state_dict, digits)
     learned_loss, learned_accuracy = _loss_and_accuracy(learned.state_dict, digits)
@@ -90,7 +88,7 @@ def test_learned_soup_by_layer_has_a_weight_per_ingredient_per_tensor(digits, po
     ingredients, _ = pool
     inputs = RecipeInputs(module=_small_cnn(), fit_batches=_fit_set(digits))
     (dish,) = cook("learned_by_layer", ingredients, inputs, steps=50, batch_size=128, stack_dtype="bfloat16")
-    coefficients = dish.details["coefficients"]
+    coefficients = {k: torch.tensor(v) for k, v in dish.details.coefficients.items()}
     assert set(coefficients) == set(_small_cnn().state_dict())
     assert all(weights.shape == (3,) for weights in coefficients.values())
     mean_weights = torch.stack(list(coefficients.values())).mean(0)
@@ -129,16 +127,16 @@ def pool_of_16(digits, tmp_path_factory):
 def test_learned_weights_leave_uniform_for_the_clearly_better_ingredient(digits, pool_of_16):
     inputs = RecipeInputs(module=_small_cnn(), fit_batches=_fit_set(digits))
     (dish,) = cook("learned", pool_of_16, inputs, steps=100, batch_size=128)
-    weights = dish.details["coefficients"]
+    weights = torch.tensor(dish.details.coefficients)
     assert weights[0] > 2 * (1 / 16), f"the good ingredient should end well above uniform: {weights}"
-    assert dish.details["steps"] == 100 and dish.details["final_loss"] == dish.details["losses"][-1]
+    assert dish.details.steps == 100 and dish.details.final_loss == dish.details.losses[-1]
 
 
 def test_learned_by_layer_coefficients_differ_between_tensors_and_the_fit_is_reproducible(digits, pool_of_16):
     def fit():
         inputs = RecipeInputs(module=_small_cnn(), fit_batches=_fit_set(digits))
         (dish,) = cook("learned_by_layer", pool_of_16[:4], inputs, steps=40, batch_size=100, seed=3)
-        return dish.details["coefficients"]
+        return {k: torch.tensor(v) for k, v in dish.details.coefficients.items()}
 
     first, second = fit(), fit()
     rows = torch.stack(list(first.values()))
@@ -172,15 +170,13 @@ def test_logit_ensemble_averages_member_logits(digits, pool):
 def test_wise_ft_interpolates_between_zero_shot_and_best(digits, pool):
     ingredients, start = pool
     dishes = cook("wise_ft", ingredients, RecipeInputs(base=start), alphas=[0.0, 0.5, 1.0])
-    assert [d.details["alpha"] for d in dishes] == [0.0, 0.5, 1.0]
+    assert [d.details.alpha for d in dishes] == [0.0, 0.5, 1.0]
     from soups.checkpoint import load_state_dict
 
     zero, tuned = load_state_dict(start), load_state_dict(ingredients[0].path)
     assert torch.allclose(dishes[0].state_dict["4.weight"], zero["4.weight"])
     assert torch.allclose(dishes[2].state_dict["4.weight"], tuned["4.weight"])
-    assert torch.allclose(
-        dishes[1].state_dict["4.weight"], (zero["4.weight"] + tuned["4.weight"]) / 2, atol=1e-6
-    )
+    assert torch.allclose(dishes[1].state_dict["4.weight"], (zero["4.weight"] + tuned["4.weight"]) / 2, atol=1e-6)
     assert all(d.ingredients[0].name == "good" for d in dishes)
     with pytest.raises(ValueError, match="needs inputs.base"):
         cook("wise_ft", ingredients)
@@ -217,14 +213,14 @@ def test_greedy_ensemble_keeps_members_only_while_the_ensemble_holds_up(digits, 
     _, (x, y) = digits
     inputs = RecipeInputs(module=_small_cnn(), heldout_logits=_heldout_logits(digits), heldout_labels=y)
     (dish,) = cook("greedy_ensemble", ingredients, inputs)
-    trajectory = dish.details["trajectory"]
-    assert [step["ingredient"] for step in trajectory] == ["good", "bad0", "bad1"], "best first"
-    kept = [step["ingredient"] for step in trajectory if step["accepted"]]
+    trajectory = dish.details.trajectory
+    assert [step.ingredient for step in trajectory] == ["good", "bad0", "bad1"], "best first"
+    kept = [step.ingredient for step in trajectory if step.accepted]
     assert [i.name for i in dish.ingredients] == kept and kept[0] == "good"
     with torch.no_grad():
         accuracy = float((dish.model(x).argmax(1) == y).float().mean())
-    assert accuracy == pytest.approx(dish.details["heldout_score"])
-    assert accuracy >= trajectory[0]["candidate_score"], "never worse on held-out than the best member alone"
+    assert accuracy == pytest.approx(dish.details.heldout_score)
+    assert accuracy >= trajectory[0].candidate_score, "never worse on held-out than the best member alone"
 
 
 def test_zero_shot_row_is_the_start_itself(pool):

@@ -62,7 +62,7 @@ def test_lambda_is_set_by_its_name_and_a_dump_validates_again(tmp_path):
     assert choice.options == {"density": 0.2, "lambda": 0.7}
     assert RecipeChoice.model_validate(choice.model_dump(mode="json")) == choice
     ingredients, inputs = _pool(tmp_path)
-    assert cook("task_arithmetic", ingredients, inputs, **{"lambda": 0.5})[0].details["lambda"] == 0.5
+    assert cook("task_arithmetic", ingredients, inputs, **{"lambda": 0.5})[0].details.lambda_ == 0.5
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.float16, 2e-3)])
@@ -138,14 +138,14 @@ def test_model_stock_interpolates_by_the_agreement_of_the_task_vectors(tmp_path)
     orthogonal = [[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, -3.0, 1.0]]
     ingredients, inputs = _vectors(tmp_path / "a", [1.0, 2.0, 3.0, 4.0], orthogonal)
     (dish,) = cook("model_stock", ingredients, inputs)
-    assert dish.details["t"] == {"w": 0.0} and torch.equal(dish.state_dict["w"], torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert dish.details.t == {"w": 0.0} and torch.equal(dish.state_dict["w"], torch.tensor([1.0, 2.0, 3.0, 4.0]))
     ingredients, inputs = _vectors(tmp_path / "b", [1.0, 2.0, 3.0], [[0.5, -1.0, 2.0]] * 3)  # identical
     (dish,) = cook("model_stock", ingredients, inputs)
-    assert dish.details["t"]["w"] == pytest.approx(1.0)
+    assert dish.details.t["w"] == pytest.approx(1.0)
     torch.testing.assert_close(dish.state_dict["w"], torch.tensor([1.5, 1.0, 5.0]))
     # two at 60°: cos = 0.5, t = 2·0.5 / (1 + 0.5) = 2/3
     ingredients, inputs = _vectors(tmp_path / "c", [0.0, 0.0], [[1.0, 0.0], [0.5, math.sqrt(3) / 2]])
-    assert cook("model_stock", ingredients, inputs)[0].details["t"]["w"] == pytest.approx(2 / 3)
+    assert cook("model_stock", ingredients, inputs)[0].details.t["w"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="at least 2"):
         cook("model_stock", ingredients[:1], inputs)
 
@@ -167,7 +167,7 @@ def test_slerp_of_many_runs_from_the_best_ingredient_to_the_uniform_soup(tmp_pat
     (start,) = cook("slerp", ingredients, inputs, t=0.0)
     (end,) = cook("slerp", ingredients, inputs, t=1.0)
     (uniform,) = cook("uniform", ingredients)
-    assert start.details["endpoints"] == [ingredients[2].name, "uniform"]
+    assert start.details.endpoints == [ingredients[2].name, "uniform"]
     assert torch.equal(start.state_dict["layer.weight"], random_state_dict(3)["layer.weight"])
     torch.testing.assert_close(end.state_dict["layer.weight"], uniform.state_dict["layer.weight"])
 
@@ -178,8 +178,8 @@ def test_greedy_combines_with_ties_through_the_registry(tmp_path):
     inputs.evaluate = lambda state_dict: best  # every candidate ties with the best: '>=' keeps all, '>' none
     (dish,) = cook("greedy", ingredients, inputs, combine="ties", combine_options={"density": 0.5})
     assert dish.name == "greedy_ties" and dish.recipe == "greedy"
-    assert dish.details["combine"] == "ties" and dish.details["combine_options"] == {"density": 0.5, "lambda": 1.0}
-    assert [s["ingredient"] for s in dish.details["trajectory"]] == [i.name for i in reversed(ingredients)]
+    assert dish.details.combine == "ties" and dish.details.combine_options == {"density": 0.5, "lambda": 1.0}
+    assert [s.ingredient for s in dish.details.trajectory] == [i.name for i in reversed(ingredients)]
     (ties,) = cook("ties", dish.ingredients, inputs, density=0.5)  # best first, as accepted
     assert all(torch.equal(dish.state_dict[k], ties.state_dict[k]) for k in ties.state_dict)
     (strict,) = cook("greedy", ingredients, inputs, combine="ties", strict=True)

@@ -46,8 +46,10 @@ def merged(tmp_path_factory):
     ]
     base_path = save_state_dict(base, folder / "base.safetensors")
     jobs = [
-        (write_config(mergekit_config(recipe, _inputs(recipe, paths), base_path, options), folder / f"{n}.yml"),
-         folder / f"out{n}")
+        (
+            write_config(mergekit_config(recipe, _inputs(recipe, paths), base_path, options), folder / f"{n}.yml"),
+            folder / f"out{n}",
+        )
         for n, (recipe, options) in enumerate(CASES)
     ]
     return paths, base_path, run_mergekit(python, jobs)

@@ -23,8 +23,17 @@ from soups.names import stored_name
 
 EXPERIMENT = "test-soups"
 PARENT = "mlflow.parentRunId"
-RECIPES = ["best", "uniform", "greedy", "learned", "learned_by_layer", "ensemble", "greedy_ensemble", "zero_shot",
-           "wise_ft"]
+RECIPES = [
+    "best",
+    "uniform",
+    "greedy",
+    "learned",
+    "learned_by_layer",
+    "ensemble",
+    "greedy_ensemble",
+    "zero_shot",
+    "wise_ft",
+]
 
 
 def _config(root, **overrides) -> PipelineConfig:
@@ -34,14 +43,20 @@ def _config(root, **overrides) -> PipelineConfig:
         "sweep.n_trials": 3,
         "sweep.sampler": "random",
         "sweep.seed": 1,
-        "space": {"lr": {"kind": "loguniform", "low": 3e-4, "high": 1e-3},
-                  "epochs": {"kind": "int", "low": 1, "high": 2},
-                  "label_smoothing": {"kind": "uniform", "low": 0.0, "high": 0.2, "or_zero": True}},
+        "space": {
+            "lr": {"kind": "loguniform", "low": 3e-4, "high": 1e-3},
+            "epochs": {"kind": "int", "low": 1, "high": 2},
+            "label_smoothing": {"kind": "uniform", "low": 0.0, "high": 0.2, "or_zero": True},
+        },
         "kitchen.recipes": [
-            "best", "uniform", "greedy",
+            "best",
+            "uniform",
+            "greedy",
             {"name": "learned", "options": {"steps": 10}},
             {"name": "learned_by_layer", "options": {"steps": 10}},
-            "ensemble", "greedy_ensemble", "zero_shot",
+            "ensemble",
+            "greedy_ensemble",
+            "zero_shot",
             {"name": "wise_ft", "options": {"alphas": [0.5, 1.0]}},
         ],
         **overrides,
@@ -190,11 +205,17 @@ def test_a_worse_run_leaves_the_champion_and_sets_a_challenger(first_run):
     config, _ = first_run
     client = _client(config)
     champion = client.get_model_version_by_alias(EXPERIMENT, "champion").version
-    worse = _config(config.tracking.root, **{
-        "sweep.study_name": "barely-trained", "sweep.n_trials": 2,
-        "space": {"lr": {"kind": "loguniform", "low": 1e-9, "high": 2e-9},
-                  "epochs": {"kind": "int", "low": 1, "high": 1}},
-    })
+    worse = _config(
+        config.tracking.root,
+        **{
+            "sweep.study_name": "barely-trained",
+            "sweep.n_trials": 2,
+            "space": {
+                "lr": {"kind": "loguniform", "low": 1e-9, "high": 2e-9},
+                "epochs": {"kind": "int", "low": 1, "high": 1},
+            },
+        },
+    )
     result = pipeline_flow(worse)
     assert result["kitchen"]["promotion"]["outcome"].startswith("challenger")
     assert client.get_model_version_by_alias(EXPERIMENT, "champion").version == champion
@@ -216,12 +237,18 @@ def test_rerunning_the_sweep_continues_the_study(first_run):
 
 def test_a_failing_trial_is_recorded_failed_and_registers_nothing(first_run):
     config, _ = first_run
-    diverging = _config(config.tracking.root, **{
-        "sweep.study_name": "diverging", "sweep.seed": 0,  # random sampler, seed 0: lr 1e6, 3e-4, 1e6
-        "sweep.parallel": 2,  # two trial tasks at once in the flow's thread pool
-        "space": {"lr": {"kind": "categorical", "choices": [3e-4, 1e6]},
-                  "epochs": {"kind": "int", "low": 1, "high": 1}},
-    })
+    diverging = _config(
+        config.tracking.root,
+        **{
+            "sweep.study_name": "diverging",
+            "sweep.seed": 0,  # random sampler, seed 0: lr 1e6, 3e-4, 1e6
+            "sweep.parallel": 2,  # two trial tasks at once in the flow's thread pool
+            "space": {
+                "lr": {"kind": "categorical", "choices": [3e-4, 1e6]},
+                "epochs": {"kind": "int", "low": 1, "high": 1},
+            },
+        },
+    )
     result = sweep_flow(diverging)
     assert len(result["finished"]) == 1 and sorted(result["failed"]) == [0, 2]
     assert all("TrainingDivergedError" in reason for reason in result["failed"].values())
@@ -278,10 +305,21 @@ def test_soups_serve_answers_with_the_champion_from_the_project_environment(firs
         port = probe.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
     env["PATH"] = "/usr/bin:/bin"  # not activated: the project's bin folder is not on PATH
-    argv = [sys.executable, "-m", "cli.main", "serve", "--set", f"experiment={EXPERIMENT}",
-            "--set", f"tracking.root={config.tracking.root}", "--port", str(port)]
-    server = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    argv = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "serve",
+        "--set",
+        f"experiment={EXPERIMENT}",
+        "--set",
+        f"tracking.root={config.tracking.root}",
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(
+        argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
         request = urllib.request.Request(

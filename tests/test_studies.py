@@ -23,8 +23,11 @@ def test_every_sampler_draws_valid_training_settings_from_the_papers_space(tmp_p
 
 
 def test_journal_storage_resumes_with_new_points(tmp_path):
-    settings = {"tracking.root": str(tmp_path), "tracking.optuna_storage": f"journal:{tmp_path / 'journal.log'}",
-                "sweep.sampler": "random"}
+    settings = {
+        "tracking.root": str(tmp_path),
+        "tracking.optuna_storage": f"journal:{tmp_path / 'journal.log'}",
+        "sweep.sampler": "random",
+    }
     config = load_config(None, settings)
     first = open_study(config)
     earlier = []

@@ -30,9 +30,20 @@ def mlflow_server(tmp_path_factory):
     port = _free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
     process = subprocess.Popen(
-        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--default-artifact-root", (folder / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(mlflow),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--default-artifact-root",
+            (folder / "artifacts").as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -53,16 +64,21 @@ def mlflow_server(tmp_path_factory):
 
 
 def test_pipeline_tracks_registers_and_promotes_through_a_tracking_server(prefect_server, mlflow_server, tmp_path):
-    config = load_config(None, {
-        "experiment": "served-soups",
-        "tracking.root": str(tmp_path),
-        "tracking.mlflow_uri": mlflow_server,
-        "sweep.n_trials": 2,
-        "kitchen.recipes": ["best", "uniform", "greedy"],
-        "sweep.sampler": "random",
-        "space": {"lr": {"kind": "loguniform", "low": 3e-4, "high": 1e-3},
-                  "epochs": {"kind": "int", "low": 2, "high": 2}},
-    })
+    config = load_config(
+        None,
+        {
+            "experiment": "served-soups",
+            "tracking.root": str(tmp_path),
+            "tracking.mlflow_uri": mlflow_server,
+            "sweep.n_trials": 2,
+            "kitchen.recipes": ["best", "uniform", "greedy"],
+            "sweep.sampler": "random",
+            "space": {
+                "lr": {"kind": "loguniform", "low": 3e-4, "high": 1e-3},
+                "epochs": {"kind": "int", "low": 2, "high": 2},
+            },
+        },
+    )
     result = pipeline_flow(config)
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     assert len(client.search_model_versions("name='served-soups-ingredients'")) == 2
@@ -86,10 +102,12 @@ def _what_the_ui_shows(server: str, result: dict) -> None:
     experiment = _rest(server, "experiments/get-by-name", experiment_name="served-soups")["experiment"]
     search = urllib.request.Request(
         f"{server}/api/2.0/mlflow/runs/search",
-        data=json.dumps({
-            "experiment_ids": [experiment["experiment_id"]],
-            "filter": f"tags.`mlflow.parentRunId` = '{sweep_run}'",
-        }).encode(),
+        data=json.dumps(
+            {
+                "experiment_ids": [experiment["experiment_id"]],
+                "filter": f"tags.`mlflow.parentRunId` = '{sweep_run}'",
+            }
+        ).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(search, timeout=30) as response:
@@ -101,5 +119,7 @@ def _what_the_ui_shows(server: str, result: dict) -> None:
     assert {"leaderboard.csv", "report.md", "accuracy_vs_shift.png"} <= {f["path"] for f in files}
     champion = _rest(server, "registered-models/alias", name="served-soups", alias="champion")["model_version"]
     assert champion["version"] == result["kitchen"]["promotion"]["candidate_version"]
-    assert champion["description"] and _rest(server, "registered-models/get", name="served-soups")[
-        "registered_model"]["description"]
+    assert (
+        champion["description"]
+        and _rest(server, "registered-models/get", name="served-soups")["registered_model"]["description"]
+    )

@@ -39,8 +39,19 @@ def two_ingredients(pretrained_checkpoint, inputs, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ingredients")
     runs = [
         finetune(_config(pretrained_checkpoint, seed=1), inputs, folder / "a.safetensors"),
-        finetune(_config(pretrained_checkpoint, seed=2, lr=1e-4, label_smoothing=0.1, randaugment_n=1,
-                         randaugment_m=5, mixup_alpha=0.2), inputs, folder / "b.safetensors"),
+        finetune(
+            _config(
+                pretrained_checkpoint,
+                seed=2,
+                lr=1e-4,
+                label_smoothing=0.1,
+                randaugment_n=1,
+                randaugment_m=5,
+                mixup_alpha=0.2,
+            ),
+            inputs,
+            folder / "b.safetensors",
+        ),
     ]
     return runs
 
@@ -167,8 +178,11 @@ def test_finetune_and_evaluate_on_an_image_folder(pretrained_checkpoint, tmp_pat
             folder.mkdir(parents=True, exist_ok=True)
             image.save(folder / f"{index}.png")
     config = FinetuneConfig.model_validate(
-        {"model": {"pretrained": str(pretrained_checkpoint)}, "data": {"name": "imagefolder", "root": str(root)},
-         "train": {"epochs": 2, "lr": 3e-4}}
+        {
+            "model": {"pretrained": str(pretrained_checkpoint)},
+            "data": {"name": "imagefolder", "root": str(root)},
+            "train": {"epochs": 2, "lr": 3e-4},
+        }
     )
     folder_inputs = prepare_finetune(config)
     result = finetune(config, folder_inputs, tmp_path / "folder.safetensors")

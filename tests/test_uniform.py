@@ -30,9 +30,7 @@ def test_uniform_soup_is_the_float64_mean(tmp_path):
                 # Accumulation is float32; the only further error is rounding the result to the stored dtype.
                 tolerance = torch.finfo(dtype).eps * expected.abs().max().item() + 1e-6
                 assert torch.allclose(soup.double(), expected, atol=tolerance, rtol=0), (dtype_name, n, key)
-            assert torch.equal(dish.state_dict["counter"], torch.tensor([0])), (
-                "integer tensors come from the first"
-            )
+            assert torch.equal(dish.state_dict["counter"], torch.tensor([0])), "integer tensors come from the first"
 
 
 def test_uniform_soup_with_mixed_dtypes_inside_a_checkpoint(tmp_path):

@@ -1,8 +1,9 @@
 """Soup recipes: one module per recipe, listed in `RECIPES` (the registry; add a new recipe's module here).
 
-Each module declares a `Recipe`: its name, its options (a pydantic model with defaults) and the function
-that cooks it. The configuration names recipes by string and gives options by name; both are checked
-against this registry when the config is loaded.
+Each module declares a `Recipe`: its name, its options (a pydantic model with defaults), the function that
+cooks it and everything the kitchen needs to know about it (typed details, default grid, figures, paper row,
+promotion). The configuration names recipes by string and gives options by name; both are checked against
+this registry when the config is loaded. Adding a recipe is its module plus one line below.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from soups.recipes import (
     uniform,
     wise_ft,
 )
-from soups.recipes.base import Dish, FitSet, Recipe, RecipeInputs, RecipeOptions
+from soups.recipes.base import Dish, FitSet, NoDetails, Recipe, RecipeDetails, RecipeInputs, RecipeOptions, Sweep
 
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
@@ -51,23 +52,13 @@ RECIPES: dict[str, Recipe] = {
 }
 """Every recipe, in the order the kitchen cooks them by default."""
 
-_LAMBDAS = [0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
-_DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
-    "task_arithmetic": {"lambda": _LAMBDAS},
-    "dare": {"lambda": _LAMBDAS},
-    "ties": {"density": [0.1, 0.2, 0.5], "lambda": [0.5, 1.0, 1.5]},
-}
-"""The task-vector recipes' scale depends on how many ingredients there are and how far they moved (the right
-λ for 16 fine-tunes of one task is near 1/16, for one task vector each of several tasks near 0.3): so by
-default the kitchen tunes it on the held-out scoring split, as Ilharco et al. and Yadav et al. did."""
-
 DEFAULT_KITCHEN: list[dict[str, Any]] = [
-    *({"name": name, "grid": _DEFAULT_GRIDS.get(name, {})} for name in RECIPES),
-    {"name": "greedy", "label": "greedy_ties", "options": {"combine": "ties"}},
-    {"name": "greedy", "label": "greedy_task_arithmetic", "options": {"combine": "task_arithmetic"}},
+    *({"name": recipe.name, "grid": recipe.default_grid} for recipe in RECIPES.values()),
+    *({"name": recipe.name, **variant} for recipe in RECIPES.values() for variant in recipe.variants),
 ]
-"""What the kitchen cooks when the config names nothing: every recipe with its defaults (the task-vector ones
-tuned over a grid), plus greedy soups whose candidates are built by TIES and by task arithmetic."""
+"""What the kitchen cooks when the config names nothing: every recipe with its defaults (tuned over its default
+grid when it declares one), then each recipe's declared variants (greedy soups built by TIES and by task
+arithmetic)."""
 
 
 def get_recipe(name: str) -> Recipe:
@@ -109,9 +100,12 @@ __all__ = [
     "RECIPES",
     "Dish",
     "FitSet",
+    "NoDetails",
     "Recipe",
+    "RecipeDetails",
     "RecipeInputs",
     "RecipeOptions",
+    "Sweep",
     "cook",
     "get_recipe",
     "recipe_options",

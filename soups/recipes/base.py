@@ -71,6 +71,28 @@ class RecipeInputs:
             raise ValueError(f"recipe {recipe!r} needs inputs.{', inputs.'.join(missing)}; provide them to cook it")
 
 
+class RecipeDetails(BaseModel):
+    """What a recipe records about how it cooked one dish, typed per recipe (``Recipe.details``); stored as
+    JSON (details.json, the kitchen's records) and read back into the same type."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def tags(self) -> dict[str, str]:
+        """Registry-version tags (and parameters of the candidate's run) a reader filters on: none by default."""
+        return {}
+
+    def curves(self) -> dict[str, list[float]]:
+        """Metric series logged on the candidate's run, one point per step (the learned soup's fit loss)."""
+        return {}
+
+    def as_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class NoDetails(RecipeDetails):
+    """For recipes that record nothing beyond the dish itself."""
+
+
 @dataclass
 class Dish:
     """A cooked candidate: a single state dict (a soup) or, for ensembles, a module that combines models."""
@@ -80,7 +102,7 @@ class Dish:
     ingredients: list[Ingredient]
     state_dict: StateDict | None = None
     model: nn.Module | None = None
-    details: dict[str, Any] = field(default_factory=dict)
+    details: RecipeDetails = field(default_factory=NoDetails)
 
 
 class RecipeOptions(BaseModel):
@@ -93,9 +115,26 @@ class NoOptions(RecipeOptions):
     """For recipes without settings."""
 
 
+Figures = Callable[[Any, list[str]], dict[str, Any]]
+"""(a dish's details, its ingredients' names) -> {file-name suffix: matplotlib figure}."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A recipe whose dishes are points along one axis (WiSE-FT's α). They are drawn as one line starting at
+    ``origin`` (the label of the axis' start, a dish of another recipe, when it was cooked), and only the best
+    point by held-out counts: it alone is promoted and stands for the recipe in the paper's table."""
+
+    legend: str
+    origin: str | None = None
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """A named way to combine ingredients, the options it accepts, and the function that cooks it."""
+    """A named way to combine ingredients and everything the kitchen needs to know about it: the options it
+    accepts, the function that cooks it, what it records (``details``), its default grid, its figures, where
+    it sits in the paper's table and whether its dishes may be promoted. Nothing outside its module switches
+    on its name."""
 
     name: str
     cook: Callable[[list[Ingredient], RecipeInputs, Any], list[Dish]]
@@ -109,8 +148,38 @@ class Recipe:
     """The names of the dishes it cooks with given options, when they are not just its own name (one per
     WiSE-FT alpha, greedy after its combine recipe): what the kitchen's labels and stored names come from."""
 
+    details: type[RecipeDetails] = NoDetails
+    """The type of each dish's details (how the kitchen reads its records back)."""
+    default_grid: dict[str, list[Any]] = field(default_factory=dict)
+    """Option values the default kitchen tunes on the held-out scoring split."""
+    variants: tuple[dict[str, Any], ...] = ()
+    """Further entries of the default kitchen ({label, options}), cooked after every recipe's plain entry."""
+    figures: Figures | None = None
+    """The figures of one dish, logged beside the leaderboard as ``<stored name>_<suffix>.png``."""
+    sweep: Sweep | None = None
+    promotable: bool = True
+    """Whether its dishes may become registry versions and champions (ensembles cost N forward passes)."""
+    paper_row: int | None = None
+    """Position of its row in the paper's Table 1 (ViT-B/32 on ImageNet); None: not a row there."""
+    compared_with: tuple[str, ...] = ()
+    """Labels of the rows the paper reports it beating; the reproduction report says whether the data resolves
+    each comparison."""
+
     def names(self, options: RecipeOptions) -> list[str]:
         return self.dish_names(options) if self.dish_names else [self.name]
+
+    def cannot_cook(self, inputs: RecipeInputs, ingredients: int) -> str | None:
+        """Why a kitchen skips it with these inputs and this many ingredients; None when it can cook."""
+        missing = inputs.missing(self.needs)
+        if missing:
+            return f"needs {', '.join(missing)}"
+        if ingredients < self.min_ingredients:
+            return f"needs at least {self.min_ingredients} ingredients, {ingredients} gathered"
+        return None
+
+    def default_names(self) -> list[str]:
+        """The labels of what its plain entry (default options, no label) cooks."""
+        return self.names(self.options())
 
 
 def best_ingredient(ingredients: Sequence[Ingredient]) -> Ingredient:

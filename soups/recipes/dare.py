@@ -25,7 +25,14 @@ from pydantic import Field, model_validator
 from soups.checkpoint import Ingredient
 from soups.recipes.base import Dish, Recipe, RecipeInputs
 from soups.recipes.task_arithmetic import TaskArithmeticOptions, add_task_vectors
-from soups.recipes.task_vectors import TaskVectorOptions, base_of, merge_streamed, stacked_deltas
+from soups.recipes.task_vectors import (
+    LAMBDAS,
+    TaskVectorDetails,
+    TaskVectorOptions,
+    base_of,
+    merge_streamed,
+    stacked_deltas,
+)
 from soups.recipes.ties import TiesOptions, ties_merge
 
 
@@ -76,6 +83,14 @@ def drop_and_rescale(delta: torch.Tensor, p: float, generator: torch.Generator) 
     return delta * keep / (1 - p)
 
 
+class DareDetails(TaskVectorDetails):
+    p: float
+    combine: str
+    seed: int
+    density: float | None = None
+    """TIES' density, when the dropped task vectors are TIES-merged."""
+
+
 def dare(ingredients: list[Ingredient], inputs: RecipeInputs, options: DareOptions) -> list[Dish]:
     base = base_of("dare", inputs)
     lam = options.scale()
@@ -89,9 +104,8 @@ def dare(ingredients: list[Ingredient], inputs: RecipeInputs, options: DareOptio
         return add_task_vectors(deltas, theta0, lam)
 
     state_dict = merge_streamed([i.path for i in ingredients], merge, base)
-    details = {"p": options.p, "combine": options.combine, "lambda": lam, "seed": options.seed}
-    if options.combine == "ties":
-        details["density"] = options.density
+    density = options.density if options.combine == "ties" else None
+    details = DareDetails(p=options.p, combine=options.combine, lambda_=lam, seed=options.seed, density=density)
     (name,) = _dish_names(options)
     return [Dish(name, "dare", ingredients, state_dict=state_dict, details=details)]
 
@@ -107,4 +121,6 @@ RECIPE = Recipe(
     "drop and rescale task-vector entries, then sum or TIES-merge them",
     needs=("base",),
     dish_names=_dish_names,
+    details=DareDetails,
+    default_grid={"lambda": LAMBDAS},
 )

@@ -6,12 +6,12 @@ from __future__ import annotations
 import copy
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, Field
 from torch import nn
 from torch.func import functional_call
 
 from soups.checkpoint import Ingredient, StateDict
-from soups.recipes.base import Dish, NoOptions, Recipe, RecipeInputs, RecipeOptions, best_ingredient
+from soups.recipes.base import Dish, NoOptions, Recipe, RecipeDetails, RecipeInputs, RecipeOptions, best_ingredient
 from soups.statedict import load_ingredient, to_float32
 
 
@@ -37,15 +37,30 @@ class LogitEnsemble(nn.Module):
         return self
 
 
-def _ensemble_dish(name: str, members: list[Ingredient], inputs: RecipeInputs, details: dict) -> Dish:
+class EnsembleDetails(RecipeDetails):
+    members: int
+
+
+class EnsembleStep(BaseModel):
+    ingredient: str
+    candidate_score: float
+    accepted: bool
+
+
+class GreedyEnsembleDetails(EnsembleDetails):
+    heldout_score: float
+    trajectory: list[EnsembleStep]
+
+
+def _ensemble_dish(name: str, members: list[Ingredient], inputs: RecipeInputs, details: EnsembleDetails) -> Dish:
     weights = [to_float32(load_ingredient(i)) for i in members]  # fp16 files still run on CPU
     model = LogitEnsemble(copy.deepcopy(inputs.module), weights)
     model.to(device=inputs.device, dtype=next(inputs.module.parameters()).dtype)
-    return Dish(name, name, members, model=model, details={"members": len(members), **details})
+    return Dish(name, name, members, model=model, details=details)
 
 
 def logit_ensemble(ingredients: list[Ingredient], inputs: RecipeInputs, options: NoOptions) -> list[Dish]:
-    return [_ensemble_dish("ensemble", ingredients, inputs, {})]
+    return [_ensemble_dish("ensemble", ingredients, inputs, EnsembleDetails(members=len(ingredients)))]
 
 
 class GreedyEnsembleOptions(RecipeOptions):
@@ -60,7 +75,7 @@ def greedy_ensemble(ingredients: list[Ingredient], inputs: RecipeInputs, options
     labels = inputs.heldout_labels
     total = inputs.heldout_logits(load_ingredient(ranked[0]))
     score = _accuracy(total, labels)
-    accepted, trajectory = [ranked[0]], [{"ingredient": ranked[0].name, "candidate_score": score, "accepted": True}]
+    accepted, trajectory = [ranked[0]], [EnsembleStep(ingredient=ranked[0].name, candidate_score=score, accepted=True)]
     for ingredient in ranked[1:]:
         candidate = total + inputs.heldout_logits(load_ingredient(ingredient))  # argmax of a sum = of a mean
         candidate_score = _accuracy(candidate, labels)
@@ -68,8 +83,9 @@ def greedy_ensemble(ingredients: list[Ingredient], inputs: RecipeInputs, options
         if keep:
             total, score = candidate, candidate_score
             accepted.append(ingredient)
-        trajectory.append({"ingredient": ingredient.name, "candidate_score": candidate_score, "accepted": keep})
-    return [_ensemble_dish("greedy_ensemble", accepted, inputs, {"heldout_score": score, "trajectory": trajectory})]
+        trajectory.append(EnsembleStep(ingredient=ingredient.name, candidate_score=candidate_score, accepted=keep))
+    details = GreedyEnsembleDetails(members=len(accepted), heldout_score=score, trajectory=trajectory)
+    return [_ensemble_dish("greedy_ensemble", accepted, inputs, details)]
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -77,7 +93,14 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 RECIPE = Recipe(
-    "ensemble", logit_ensemble, NoOptions, "mean of the ingredients' logits (N forward passes)", needs=("module",)
+    "ensemble",
+    logit_ensemble,
+    NoOptions,
+    "mean of the ingredients' logits (N forward passes)",
+    needs=("module",),
+    details=EnsembleDetails,
+    promotable=False,
+    paper_row=6,
 )
 GREEDY_RECIPE = Recipe(
     "greedy_ensemble",
@@ -85,4 +108,7 @@ GREEDY_RECIPE = Recipe(
     GreedyEnsembleOptions,
     "best-first, keep a model if the ensemble holds up",
     needs=("module", "heldout_logits", "heldout_labels"),
+    details=GreedyEnsembleDetails,
+    promotable=False,
+    paper_row=7,
 )

@@ -12,13 +12,14 @@ best ingredient alone, as the uniform one does.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
 
 from soups.checkpoint import Ingredient, StateDict
-from soups.recipes.base import Dish, Evaluate, Recipe, RecipeInputs, RecipeOptions
+from soups.figures import canvas
+from soups.recipes.base import Dish, Evaluate, Recipe, RecipeDetails, RecipeInputs, RecipeOptions
 from soups.statedict import blend, cast_like, load_ingredient, to_float32
 
 
@@ -119,18 +120,27 @@ class GreedyOptions(RecipeOptions):
         return recipe_options(combine, value).model_dump(mode="json")
 
 
+class GreedyDetails(RecipeDetails):
+    heldout_score: float
+    strict: bool
+    combine: str
+    evaluations: int
+    trajectory: list[GreedyStep]
+    combine_options: dict[str, Any] | None = None
+    """The combine recipe's options (absent for the running mean)."""
+
+
 def greedy_recipe(ingredients: list[Ingredient], inputs: RecipeInputs, options: GreedyOptions) -> list[Dish]:
     combine = None if options.combine == "uniform" else _combine_with(options, inputs)
     result = greedy_soup(ingredients, inputs.evaluate, strict=options.strict, combine=combine)
-    details = {
-        "heldout_score": result.score,
-        "strict": options.strict,
-        "combine": options.combine,
-        "evaluations": result.evaluations,
-        "trajectory": [asdict(step) for step in result.trajectory],
-    }
-    if combine is not None:
-        details["combine_options"] = options.combine_options
+    details = GreedyDetails(
+        heldout_score=result.score,
+        strict=options.strict,
+        combine=options.combine,
+        evaluations=result.evaluations,
+        trajectory=result.trajectory,
+        combine_options=options.combine_options if combine is not None else None,
+    )
     (name,) = _dish_names(options)
     return [Dish(name, "greedy", result.accepted, state_dict=result.state_dict, details=details)]
 
@@ -156,6 +166,30 @@ def _combine_with(options: GreedyOptions, inputs: RecipeInputs) -> Combine:
     return combine
 
 
+def trajectory_figure(details: GreedyDetails, ingredients: list[str]) -> dict[str, Any]:
+    """Held-out score of each candidate soup, in the order the greedy recipe tried them."""
+    trajectory = details.trajectory
+    fig, ax = canvas(7, 4)
+    steps = range(1, len(trajectory) + 1)
+    ax.plot(steps, [s.ingredient_score for s in trajectory], "o-", c="0.6", label="ingredient alone")
+    colours = ["tab:green" if s.accepted else "tab:red" for s in trajectory]
+    ax.scatter(
+        steps,
+        [s.candidate_score for s in trajectory],
+        c=colours,
+        s=60,
+        zorder=3,
+        label="soup with it (green: kept, red: dropped)",
+    )
+    ax.set_xticks(list(steps), [s.ingredient for s in trajectory], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"greedy soup trajectory (best ingredient first, candidates by {details.combine})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return {"trajectory": fig}
+
+
 RECIPE = Recipe(
     "greedy",
     greedy_recipe,
@@ -163,4 +197,12 @@ RECIPE = Recipe(
     "best-first, keep an ingredient if held-out holds up",
     needs=("evaluate",),
     dish_names=_dish_names,
+    details=GreedyDetails,
+    variants=(
+        {"label": "greedy_ties", "options": {"combine": "ties"}},
+        {"label": "greedy_task_arithmetic", "options": {"combine": "task_arithmetic"}},
+    ),
+    figures=trajectory_figure,
+    paper_row=3,
+    compared_with=("best_single", "uniform"),
 )

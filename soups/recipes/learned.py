@@ -13,8 +13,9 @@ The final soup is re-averaged from the files in float32 with the learned coeffic
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -24,7 +25,8 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from soups.checkpoint import Ingredient, StateDict, check_compatible, ensure_finite
-from soups.recipes.base import Dish, FitSet, Recipe, RecipeInputs, RecipeOptions
+from soups.figures import canvas
+from soups.recipes.base import Dish, FitSet, Recipe, RecipeDetails, RecipeInputs, RecipeOptions
 from soups.statedict import average_checkpoints
 
 
@@ -123,24 +125,62 @@ def _weights(alpha: torch.Tensor, keys: list[str], by_layer: bool) -> torch.Tens
     return dict(zip(keys, weights, strict=True)) if by_layer else weights
 
 
+class LearnedDetails(RecipeDetails):
+    coefficients: list[float] | dict[str, list[float]]
+    """One weight per ingredient (global) or, per tensor key, one per ingredient (by layer)."""
+    logit_scale: float
+    steps: int
+    batch_size: int
+    final_loss: float
+    losses: list[float]
+
+    def tags(self) -> dict[str, str]:
+        return {"coefficients": json.dumps(self.coefficients)}
+
+    def curves(self) -> dict[str, list[float]]:
+        return {"fit_loss": self.losses}
+
+
 def _learned_soup(name: str, by_layer: bool):
     def cook(ingredients: list[Ingredient], inputs: RecipeInputs, options: LearnedOptions) -> list[Dish]:
         paths = [i.path for i in ingredients]
         learned = learn_mixing(
             inputs.module, paths, inputs.fit_batches, options, by_layer=by_layer, device=inputs.device
         )
-        details = {
-            "coefficients": learned.coefficients,
-            "logit_scale": learned.logit_scale,
-            "steps": len(learned.losses),
-            "batch_size": learned.batch_size,
-            "final_loss": learned.losses[-1],
-            "losses": learned.losses,
-        }
-        state_dict = average_checkpoints(paths, learned.coefficients)
+        coefficients = learned.coefficients
+        details = LearnedDetails(
+            coefficients=coefficients.tolist()
+            if isinstance(coefficients, torch.Tensor)
+            else {k: v.tolist() for k, v in coefficients.items()},
+            logit_scale=learned.logit_scale,
+            steps=len(learned.losses),
+            batch_size=learned.batch_size,
+            final_loss=learned.losses[-1],
+            losses=learned.losses,
+        )
+        state_dict = average_checkpoints(paths, coefficients)
         return [Dish(name, name, ingredients, state_dict=state_dict, details=details)]
 
     return cook
+
+
+def weights_figure(details: LearnedDetails, ingredients: list[str]) -> dict[str, Any]:
+    """Learned soup weights: a bar per ingredient (global) or a heat map of tensors × ingredients (by layer)."""
+    coefficients = details.coefficients
+    if isinstance(coefficients, dict):
+        keys = list(coefficients)
+        fig, ax = canvas(max(5, len(ingredients) * 0.6), max(4, len(keys) * 0.12))
+        image = ax.imshow([coefficients[k] for k in keys], aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(keys)), keys, fontsize=4)
+        fig.colorbar(image, ax=ax, label="weight")
+    else:
+        fig, ax = canvas(7, 4)
+        ax.bar(range(len(coefficients)), coefficients)
+        ax.set_ylabel("weight")
+    ax.set_xticks(range(len(ingredients)), ingredients, rotation=45, ha="right", fontsize=7)
+    ax.set_title("learned soup mixing weights")
+    fig.tight_layout()
+    return {"weights": fig}
 
 
 LEARNED = Recipe(
@@ -149,6 +189,10 @@ LEARNED = Recipe(
     LearnedOptions,
     "softmax(alpha) per ingredient, fit on held-out",
     needs=("module", "fit_batches"),
+    details=LearnedDetails,
+    figures=weights_figure,
+    paper_row=4,
+    compared_with=("uniform",),
 )
 LEARNED_BY_LAYER = Recipe(
     "learned_by_layer",
@@ -156,4 +200,7 @@ LEARNED_BY_LAYER = Recipe(
     LearnedOptions,
     "softmax(alpha) per ingredient per tensor, fit on held-out",
     needs=("module", "fit_batches"),
+    details=LearnedDetails,
+    figures=weights_figure,
+    paper_row=5,
 )

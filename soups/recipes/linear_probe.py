@@ -16,7 +16,7 @@ from pydantic import Field
 from torch.nn import functional as F
 
 from soups.checkpoint import Ingredient, StateDict
-from soups.recipes.base import Dish, Recipe, RecipeInputs, RecipeOptions
+from soups.recipes.base import Dish, Recipe, RecipeDetails, RecipeInputs, RecipeOptions
 from soups.statedict import load_ingredient
 
 
@@ -61,6 +61,14 @@ def fit_head(
     return weight.detach(), bias.detach()
 
 
+class LinearProbeDetails(RecipeDetails):
+    weight_decay: float
+    """The decay chosen on held-out."""
+    curve: list[dict[str, float]]
+    train_images: int
+    steps: int
+
+
 def linear_probe(ingredients: list[Ingredient], inputs: RecipeInputs, options: LinearProbeOptions) -> list[Dish]:
     features, labels, start = train_features(inputs, options.batch_size)
     zero_weight, zero_bias = start["head.weight"].to(inputs.device), start["head.bias"].to(inputs.device)
@@ -72,7 +80,7 @@ def linear_probe(ingredients: list[Ingredient], inputs: RecipeInputs, options: L
         curve.append({"weight_decay": decay, "heldout": score})
         if score > best_score:
             best, best_score, chosen = state, score, decay
-    details = {"weight_decay": chosen, "curve": curve, "train_images": len(labels), "steps": options.steps}
+    details = LinearProbeDetails(weight_decay=chosen, curve=curve, train_images=len(labels), steps=options.steps)
     return [Dish("linear_probe", "linear_probe", [], state_dict=best, details=details)]
 
 
@@ -82,4 +90,6 @@ RECIPE = Recipe(
     LinearProbeOptions,
     "zero-shot image tower frozen, a new head trained on train features (reference row)",
     needs=("module", "base", "train_images", "normalize", "evaluate"),
+    details=LinearProbeDetails,
+    paper_row=9,
 )

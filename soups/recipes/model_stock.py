@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from soups.checkpoint import Ingredient
-from soups.recipes.base import Dish, NoOptions, Recipe, RecipeInputs
+from soups.recipes.base import Dish, NoOptions, Recipe, RecipeDetails, RecipeInputs
 from soups.recipes.task_vectors import base_of, merge_streamed, stacked_deltas
 
 
@@ -38,6 +38,11 @@ def interpolation_ratio(cos_theta: float, k: int) -> float:
     return 0.0 if abs(denominator) < 1e-6 else k * cos_theta / denominator
 
 
+class ModelStockDetails(RecipeDetails):
+    t: dict[str, float]
+    """Per tensor key, the interpolation ratio toward the ingredients' mean."""
+
+
 def model_stock(ingredients: list[Ingredient], inputs: RecipeInputs, options: NoOptions) -> list[Dish]:
     base = base_of("model_stock", inputs)
     ratios: dict[str, float] = {}
@@ -48,7 +53,7 @@ def model_stock(ingredients: list[Ingredient], inputs: RecipeInputs, options: No
         return t * (sum(tensors) / len(tensors)) + (1 - t) * theta0
 
     state_dict = merge_streamed([i.path for i in ingredients], merge, base)
-    return [Dish("model_stock", "model_stock", ingredients, state_dict=state_dict, details={"t": ratios})]
+    return [Dish("model_stock", "model_stock", ingredients, state_dict=state_dict, details=ModelStockDetails(t=ratios))]
 
 
 RECIPE = Recipe(
@@ -58,4 +63,5 @@ RECIPE = Recipe(
     "ingredients' mean pulled toward zero-shot by agreement",
     needs=("base",),
     min_ingredients=2,
+    details=ModelStockDetails,
 )

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from soups.checkpoint import Ingredient
-from soups.recipes.base import Dish, Recipe, RecipeInputs, RecipeOptions, best_ingredient
+from soups.recipes.base import Dish, Recipe, RecipeDetails, RecipeInputs, RecipeOptions, best_ingredient
 from soups.recipes.task_vectors import merge_streamed
 
 DOT_THRESHOLD = 0.9995
@@ -27,6 +27,12 @@ DOT_THRESHOLD = 0.9995
 
 class SlerpOptions(RecipeOptions):
     t: float = Field(0.5, ge=0, le=1, description="Interpolation factor: 0 gives the first endpoint, 1 the second.")
+
+
+class SlerpDetails(RecipeDetails):
+    t: float
+    endpoints: list[str]
+    """The ingredients at t = 0 and t = 1 (``uniform``: the uniform soup of all of them)."""
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torch.Tensor:
@@ -50,7 +56,7 @@ def slerp_recipe(ingredients: list[Ingredient], inputs: RecipeInputs, options: S
 
     state_dict = merge_streamed([i.path for i in ingredients], merge)
     endpoints = [ingredients[start].name, ingredients[1].name if pair else "uniform"]
-    details = {"t": options.t, "endpoints": endpoints}
+    details = SlerpDetails(t=options.t, endpoints=endpoints)
     return [Dish("slerp", "slerp", ingredients, state_dict=state_dict, details=details)]
 
 
@@ -60,4 +66,5 @@ RECIPE = Recipe(
     SlerpOptions,
     "spherical interpolation: 2 ingredients, or best to uniform soup",
     min_ingredients=2,
+    details=SlerpDetails,
 )

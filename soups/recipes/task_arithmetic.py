@@ -13,7 +13,14 @@ from pydantic import Field
 
 from soups.checkpoint import Ingredient
 from soups.recipes.base import Dish, Recipe, RecipeInputs
-from soups.recipes.task_vectors import TaskVectorOptions, base_of, merge_streamed, stacked_deltas
+from soups.recipes.task_vectors import (
+    LAMBDAS,
+    TaskVectorDetails,
+    TaskVectorOptions,
+    base_of,
+    merge_streamed,
+    stacked_deltas,
+)
 
 
 class TaskArithmeticOptions(TaskVectorOptions):
@@ -39,10 +46,16 @@ def task_arithmetic(ingredients: list[Ingredient], inputs: RecipeInputs, options
         return add_task_vectors(stacked_deltas(tensors, theta0), theta0, lam)
 
     state_dict = merge_streamed([i.path for i in ingredients], merge, base)
-    details = {"lambda": lam}
+    details = TaskVectorDetails(lambda_=lam)
     return [Dish("task_arithmetic", "task_arithmetic", ingredients, state_dict=state_dict, details=details)]
 
 
 RECIPE = Recipe(
-    "task_arithmetic", task_arithmetic, TaskArithmeticOptions, "zero-shot + lambda * task-vector sum", needs=("base",)
+    "task_arithmetic",
+    task_arithmetic,
+    TaskArithmeticOptions,
+    "zero-shot + lambda * task-vector sum",
+    needs=("base",),
+    details=TaskVectorDetails,
+    default_grid={"lambda": LAMBDAS},
 )

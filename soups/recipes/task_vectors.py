@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 from safetensors import SafetensorError, safe_open
 
 from soups.checkpoint import CheckpointError, StateDict, check_compatible, ensure_finite
-from soups.recipes.base import RecipeInputs, RecipeOptions
+from soups.recipes.base import RecipeDetails, RecipeInputs, RecipeOptions
 
 Merge = Callable[[str, list[torch.Tensor], torch.Tensor | None], torch.Tensor]
 """(key, the N ingredients' float32 tensors, θ₀'s float32 tensor or None) -> the merged float32 tensor."""
@@ -32,6 +32,20 @@ class TaskVectorOptions(RecipeOptions):
     """
 
     model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+
+LAMBDAS = [0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
+"""The λ a task-vector recipe is tuned over by default: its right scale depends on how many ingredients there
+are and how far they moved (near 1/16 for 16 fine-tunes of one task, near 0.3 for one task vector each of
+several tasks), so the kitchen picks it on the held-out scoring split, as Ilharco et al. and Yadav et al. did."""
+
+
+class TaskVectorDetails(RecipeDetails):
+    """The scale a task-vector merge was cooked with (``lambda`` in every store)."""
+
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+    lambda_: float = Field(alias="lambda")
 
 
 def merge_streamed(paths: Sequence[Path], merge: Merge, base: Path | None = None) -> StateDict:

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from soups.checkpoint import Ingredient
 from soups.recipes.base import Dish, Recipe, RecipeInputs
-from soups.recipes.task_vectors import TaskVectorOptions, base_of, merge_streamed, stacked_deltas
+from soups.recipes.task_vectors import TaskVectorDetails, TaskVectorOptions, base_of, merge_streamed, stacked_deltas
 
 
 class TiesOptions(TaskVectorOptions):
@@ -63,6 +63,10 @@ def ties_merge(deltas: torch.Tensor, base: torch.Tensor, density: float, lam: fl
     return base + disjoint_merge(deltas) * lam
 
 
+class TiesDetails(TaskVectorDetails):
+    density: float
+
+
 def ties(ingredients: list[Ingredient], inputs: RecipeInputs, options: TiesOptions) -> list[Dish]:
     base = base_of("ties", inputs)
 
@@ -70,10 +74,16 @@ def ties(ingredients: list[Ingredient], inputs: RecipeInputs, options: TiesOptio
         return ties_merge(stacked_deltas(tensors, theta0), theta0, options.density, options.lambda_)
 
     state_dict = merge_streamed([i.path for i in ingredients], merge, base)
-    details = {"density": options.density, "lambda": options.lambda_}
+    details = TiesDetails(density=options.density, lambda_=options.lambda_)
     return [Dish("ties", "ties", ingredients, state_dict=state_dict, details=details)]
 
 
 RECIPE = Recipe(
-    "ties", ties, TiesOptions, "trim task vectors, elect signs, average the agreeing entries", needs=("base",)
+    "ties",
+    ties,
+    TiesOptions,
+    "trim task vectors, elect signs, average the agreeing entries",
+    needs=("base",),
+    details=TiesDetails,
+    default_grid={"density": [0.1, 0.2, 0.5], "lambda": [0.5, 1.0, 1.5]},
 )

@@ -28,4 +28,6 @@ def uniform_soup(ingredients: list[Ingredient], inputs: RecipeInputs, options: U
     return [Dish(name="uniform", recipe="uniform", ingredients=ingredients, state_dict=state_dict)]
 
 
-RECIPE = Recipe("uniform", uniform_soup, UniformOptions, "mean of every ingredient")
+RECIPE = Recipe(
+    "uniform", uniform_soup, UniformOptions, "mean of every ingredient", paper_row=2, compared_with=("best_single",)
+)

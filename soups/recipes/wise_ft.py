@@ -9,7 +9,16 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from soups.checkpoint import Ingredient, check_compatible
-from soups.recipes.base import Dish, NoOptions, Recipe, RecipeInputs, RecipeOptions, best_ingredient
+from soups.recipes.base import (
+    Dish,
+    NoOptions,
+    Recipe,
+    RecipeDetails,
+    RecipeInputs,
+    RecipeOptions,
+    Sweep,
+    best_ingredient,
+)
 from soups.statedict import blend, cast_like, load_ingredient
 
 
@@ -39,6 +48,15 @@ def _dish_names(options: WiseFtOptions) -> list[str]:
     return [alpha_label(alpha) for alpha in options.alphas]
 
 
+class WiseFtDetails(RecipeDetails):
+    alpha: float
+    """Weight of the fine-tuned end: which point of the α sweep this dish is."""
+    finetuned: str
+
+    def tags(self) -> dict[str, str]:
+        return {"alpha": repr(self.alpha)}
+
+
 def wise_ft(ingredients: list[Ingredient], inputs: RecipeInputs, options: WiseFtOptions) -> list[Dish]:
     finetuned = best_ingredient(ingredients)
     check_compatible([inputs.base, finetuned.path])
@@ -50,7 +68,7 @@ def wise_ft(ingredients: list[Ingredient], inputs: RecipeInputs, options: WiseFt
             "wise_ft",
             [finetuned],
             state_dict=cast_like(blend(zero_shot, tuned, alpha), tuned),
-            details={"alpha": alpha, "finetuned": finetuned.name},
+            details=WiseFtDetails(alpha=alpha, finetuned=finetuned.name),
         )
         for alpha in options.alphas
     ]
@@ -63,6 +81,9 @@ RECIPE = Recipe(
     "interpolate zero-shot and best ingredient for each alpha",
     needs=("base",),
     dish_names=_dish_names,
+    details=WiseFtDetails,
+    sweep=Sweep("WiSE-FT (α sweep)", origin="zero_shot"),
+    paper_row=10,
 )
 
 
@@ -71,4 +92,6 @@ def zero_shot(ingredients: list[Ingredient], inputs: RecipeInputs, options: NoOp
     return [Dish("zero_shot", "zero_shot", [], state_dict=load_ingredient(Ingredient(inputs.base, name="zero-shot")))]
 
 
-ZERO_SHOT = Recipe("zero_shot", zero_shot, NoOptions, "the zero-shot start itself (reference row)", needs=("base",))
+ZERO_SHOT = Recipe(
+    "zero_shot", zero_shot, NoOptions, "the zero-shot start itself (reference row)", needs=("base",), paper_row=8
+)

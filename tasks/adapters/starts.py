@@ -8,37 +8,24 @@ on. Tags and hub names (open_clip pretrained tags) are left as they are: each ma
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from mlflow import MlflowClient
 
 from soups.config import PipelineConfig
-from soups.models import LOCAL_DIR_PREFIX
+from soups.pretrained import REGISTRY_PREFIX, local_dir
 from tasks.adapters.cache import cached_artifact, digest_of
 from tasks.adapters.tracking import tracked_run
 
 START_ARTIFACT = "start"
-REGISTRY_PREFIX = "models:/"
 
 
 def base_model_name(config: PipelineConfig) -> str:
     return f"{config.experiment}-base"
 
 
-def _local_start(pretrained: str | None) -> Path | None:
-    """The file or folder a start names on this machine; None for tags, registry URIs and random init."""
-    if not pretrained or pretrained.startswith(REGISTRY_PREFIX):
-        return None
-    if pretrained.startswith(LOCAL_DIR_PREFIX):
-        return Path(pretrained.removeprefix(LOCAL_DIR_PREFIX)).expanduser().resolve()
-    path = Path(pretrained).expanduser()
-    return path.resolve() if path.is_file() else None
-
-
 def publish_start(config: PipelineConfig, client: MlflowClient, experiment_id: str) -> PipelineConfig:
     """The config with a local start replaced by its ``<experiment>-base`` version, registered on first use of
     each digest (a base run holds the file under ``start/``; the version is tagged with sha256, name, layout)."""
-    local = _local_start(config.model.pretrained)
+    local = config.model.start.local()  # a file or folder on this machine; tags and registry URIs stay
     if local is None:
         return config
     digest = digest_of(local)
@@ -80,12 +67,11 @@ def publish_start(config: PipelineConfig, client: MlflowClient, experiment_id: s
 def fetched_start(config: PipelineConfig, client: MlflowClient) -> PipelineConfig:
     """The config with a ``models:/`` start replaced by this machine's verified copy (downloaded once per digest
     into ``tracking.cache_dir``); any other start unchanged."""
-    uri = config.model.pretrained
-    if not uri or not uri.startswith(REGISTRY_PREFIX):
+    if config.model.start.kind != "registry":
         return config
-    name, _, version_number = uri.removeprefix(REGISTRY_PREFIX).rpartition("/")
+    name, version_number = config.model.start.registry_version()
     version = client.get_model_version(name, version_number)
     digest, local_name = version.tags["sha256"], version.tags["path"]
     cache_dir = config.tracking.resolved_cache_dir()
     path = cached_artifact(client, f"{version.source}/{local_name}", digest, cache_dir)
-    return config.with_pretrained(f"{LOCAL_DIR_PREFIX}{path}" if path.is_dir() else str(path))
+    return config.with_pretrained(local_dir(path) if path.is_dir() else str(path))

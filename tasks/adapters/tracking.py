@@ -18,7 +18,15 @@ from soups.config import PipelineConfig, TrackingConfig
 PARENT_RUN_TAG = "mlflow.parentRunId"
 FLOW_RUN_TAG = "prefect.flow_run_id"
 """The Prefect flow run an MLflow run was made in (set by tasks.context.run_context)."""
-_TAG_LIMIT = 5000
+TAG_LIMIT = 5000
+"""The longest tag or parameter value written (MLflow's own limits are 8000 and 6000 characters)."""
+
+
+def bounded(value: str, run_id: str) -> str:
+    """A tag or parameter value as MLflow can store it: whole, or, when longer, where the whole is."""
+    if len(value) <= TAG_LIMIT:
+        return value
+    return f"{len(value)} characters, see details.json of run {run_id}"
 
 
 def client_for(tracking: TrackingConfig) -> MlflowClient:
@@ -275,7 +283,7 @@ def log_context(client: MlflowClient, run_id: str, config: PipelineConfig) -> No
 
 def fail_run(client: MlflowClient, run_id: str, reason: str) -> None:
     """Close a run some dead process left RUNNING: FAILED, with the reason as its ``failure_reason`` tag."""
-    client.set_tag(run_id, "failure_reason", reason[:_TAG_LIMIT])
+    client.set_tag(run_id, "failure_reason", reason[:TAG_LIMIT])
     client.set_terminated(run_id, "FAILED")
 
 
@@ -324,7 +332,7 @@ def tracked_run(
         yield run_id
     except BaseException as err:
         killed = isinstance(err, killed_by)
-        reason = f"{type(err).__name__}: {err}"[:_TAG_LIMIT]
+        reason = f"{type(err).__name__}: {err}"[:TAG_LIMIT]
         client.set_tag(run_id, "killed_reason" if killed else "failure_reason", reason)
         client.set_terminated(run_id, "KILLED" if killed else "FAILED")
         raise

@@ -7,7 +7,7 @@ import torch
 from soups.checkpoint import file_sha256, save_state_dict
 from soups.config import load_config
 from tasks.adapters.tracking import client_for, ensure_experiment, ingredients_model_name
-from tasks.cooking import gather_ingredients
+from tasks.gathering import gather_ingredients
 
 
 def test_kitchen_runs_reuse_one_checked_copy_per_digest_and_fetch_a_changed_one_again(tmp_path, capsys):

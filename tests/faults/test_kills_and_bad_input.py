@@ -315,7 +315,7 @@ def test_an_mlflow_database_of_another_version_is_one_line(tmp_path, capsys, rev
 def test_the_kitchen_skips_bad_ingredients_naming_each_and_fails_below_two(tmp_path, capsys):
     from soups.checkpoint import file_sha256, save_state_dict
     from tasks.adapters.tracking import client_for, ensure_experiment, ingredients_model_name
-    from tasks.cooking import gather_ingredients
+    from tasks.gathering import gather_ingredients
 
     config = load_config(None, {"tracking.root": str(tmp_path / "data"), "pretrain": None})
     experiment_id = ensure_experiment(config)

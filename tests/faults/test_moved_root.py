@@ -91,7 +91,7 @@ def _use(config: PipelineConfig, scratch: Path) -> None:
         ingredients_model_name,
         tracked_run,
     )
-    from tasks.cooking import gather_ingredients
+    from tasks.gathering import gather_ingredients
 
     root = config.tracking.root.resolve()
     experiment_id = ensure_experiment(config)

@@ -38,7 +38,7 @@ def kitchen_flow(config: PipelineConfig, experiment_id: str | None = None) -> di
         board = log_kitchen_report(run, candidates, sizes, gathered.skipped)
         registered = register_candidates(run, setup.spec, candidates, refs)
         log_candidate_runs(run, candidates)
-        decision = promote(config, run.run_id, registered, setup, run.workdir)
+        decision = promote(run, registered, setup)
     return {
         "run_id": run.run_id,
         "resumed": run.resumed,

@@ -8,7 +8,7 @@ from soups.config import PipelineConfig
 from soups.cooking import prepare_cooking
 from soups.pretrain import with_resolved_start
 from tasks.adapters.tracking import client_for, ensure_experiment, tracked_run
-from tasks.context import run_context
+from tasks.context import RunContext, run_context
 from tasks.promotion import promote, registered_candidate, rescore
 
 
@@ -27,11 +27,8 @@ def promote_flow(config: PipelineConfig, experiment_id: str | None = None) -> di
         raise ValueError(f"no soups of study {config.study_name!r} in {config.experiment}; run the kitchen first")
     tags = {"kind": "promotion", "study": config.study_name, **run_context("flows/promote.py:promote_flow")}
     with tracked_run(client, experiment_id, f"promote-{config.study_name}", tags) as run_id:
-        workdir = (config.tracking.root / "promote" / run_id).resolve()
-        setup = prepare_cooking(config, workdir)
-        candidates = [
-            registered_candidate(version, rescore(client, config, str(version.version), setup, workdir))
-            for version in versions
-        ]
-        decision = promote(config, run_id, candidates, setup, workdir)
+        run = RunContext(config, client, experiment_id, run_id, (config.tracking.root / "promote" / run_id).resolve())
+        setup = prepare_cooking(config, run.workdir)
+        candidates = [registered_candidate(v, rescore(run, str(v.version), setup)) for v in versions]
+        decision = promote(run, candidates, setup)
     return decision.model_dump()

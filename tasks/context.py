@@ -4,12 +4,30 @@ code (the entry point and git commit), as MLflow tags, so the MLflow UI links ba
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from mlflow import MlflowClient
+
+from soups.config import PipelineConfig
 from tasks.adapters.tracking import FLOW_RUN_TAG
 
 CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """A stage's run, made once and taken by every task of the stage (the kitchen's after gathering, the
+    promotion's): the config, the one MLflow client, the experiment and the stage's run, its work folder."""
+
+    config: PipelineConfig
+    client: MlflowClient
+    experiment_id: str
+    run_id: str
+    workdir: Path
+    resumed: bool = False
+    """Whether this run failed before and was reopened (its context and parameters are logged already)."""
 
 
 def run_context(entry_point: str) -> dict[str, str]:

@@ -28,12 +28,13 @@ from soups.cooking import (
     score_ingredients,
 )
 from tasks.adapters.tracking import TAG_LIMIT, log_context, log_dataset_input, run_url
+from tasks.context import RunContext
 from tasks.gathering import Gathered, IngredientRef
-from tasks.kitchen_runs import KitchenRun, failing_as
+from tasks.kitchen_runs import failing_as
 
 
 @task(name="prepare-cooking", cache_policy=NO_CACHE)
-def prepare_cooking_task(run: KitchenRun, gathered: Gathered) -> CookingSetup:
+def prepare_cooking_task(run: RunContext, gathered: Gathered) -> CookingSetup:
     """The evaluator and recipe inputs, built once; the kitchen run records its config, ingredients and every
     split it scores on (a reopened run has its config and ingredients already)."""
     config, client = run.config, run.client
@@ -50,7 +51,7 @@ def prepare_cooking_task(run: KitchenRun, gathered: Gathered) -> CookingSetup:
 
 
 @task(name="plan-kitchen", cache_policy=NO_CACHE)
-def plan_kitchen(run: KitchenRun, setup: CookingSetup, refs: list[IngredientRef]) -> Menu:
+def plan_kitchen(run: RunContext, setup: CookingSetup, refs: list[IngredientRef]) -> Menu:
     """The entries this kitchen cooks (`soups.cooking.menu`); the others are printed and tagged with why."""
     planned = menu(run.config.kitchen, setup.recipe_inputs, len(refs))
     for key, why in planned.skipped.items():
@@ -66,7 +67,7 @@ def cooked_record(workdir: Path, step: str) -> Path:
 
 
 @task(name="score-ingredients", cache_policy=NO_CACHE)
-def score_ingredients_task(run: KitchenRun, setup: CookingSetup, refs: list[IngredientRef]) -> list[Candidate]:
+def score_ingredients_task(run: RunContext, setup: CookingSetup, refs: list[IngredientRef]) -> list[Candidate]:
     """Each ingredient scored on every split, or read back from this kitchen run's record of it."""
     record = cooked_record(run.workdir, "ingredients")
     recorded = load_cooked(record)
@@ -80,7 +81,7 @@ def score_ingredients_task(run: KitchenRun, setup: CookingSetup, refs: list[Ingr
 
 @task(name="cook", task_run_name="cook-{choice.stored_name}", cache_policy=NO_CACHE)
 def cook_task(
-    run: KitchenRun, setup: CookingSetup, choice: RecipeChoice, refs: list[IngredientRef], scored: list[Candidate]
+    run: RunContext, setup: CookingSetup, choice: RecipeChoice, refs: list[IngredientRef], scored: list[Candidate]
 ) -> list[Candidate]:
     """One kitchen entry cooked from the ingredients (``scored``: their candidates, whose held-out scores rank
     them) and scored, or read back when this kitchen run recorded it before it failed."""

@@ -23,7 +23,7 @@ from soups.cooking import Candidate
 from soups.names import unique_stored_names
 from tasks.adapters.cache import ChecksumMismatchError, cached_artifact
 from tasks.adapters.tracking import client_for, ingredients_model_name, weights_uri
-from tasks.kitchen_runs import KitchenRun
+from tasks.context import RunContext
 
 
 class IngredientRef(BaseModel):
@@ -157,7 +157,7 @@ def foreign_layouts(refs: list[IngredientRef]) -> dict[str, str]:
 
 
 @task(name="tag-ingredients", cache_policy=NO_CACHE)
-def tag_ingredient_scores(run: KitchenRun, refs: list[IngredientRef], candidates: list[Candidate]) -> None:
+def tag_ingredient_scores(run: RunContext, refs: list[IngredientRef], candidates: list[Candidate]) -> None:
     """Each ingredient version tagged with this kitchen's scores, ``kitchen.<metric>``: ``kitchen.heldout`` is
     the scoring part of held-out (the leaderboard's column), beside the trial's own ``heldout_accuracy`` tag on
     the whole held-out split; ``kitchen.run_id`` says which kitchen measured them."""

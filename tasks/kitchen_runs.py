@@ -11,7 +11,6 @@ import json
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -19,27 +18,13 @@ from mlflow import MlflowClient
 
 from soups.config import PipelineConfig
 from tasks.adapters.tracking import client_for, tracked_run
-from tasks.context import git_commit, run_context
+from tasks.context import RunContext, git_commit, run_context
 
 FINGERPRINT_TAG = "kitchen.fingerprint"
 
 
-@dataclass(frozen=True)
-class KitchenRun:
-    """One kitchen's run context, made once and taken by every kitchen task after gathering: the config, the
-    MLflow client, the experiment and the kitchen's run, and its work folder (records, soups, packages)."""
-
-    config: PipelineConfig
-    client: MlflowClient
-    experiment_id: str
-    run_id: str
-    workdir: Path
-    resumed: bool
-    """Whether this run failed before and was reopened (its context and parameters are logged already)."""
-
-
 @contextmanager
-def kitchen_run(config: PipelineConfig, experiment_id: str, ingredients: dict[str, str]) -> Iterator[KitchenRun]:
+def kitchen_run(config: PipelineConfig, experiment_id: str, ingredients: dict[str, str]) -> Iterator[RunContext]:
     """The kitchen's MLflow run, opened (or, when a kitchen with the same fingerprint failed, reopened) around
     the block; ``ingredients``: version -> sha256. A failure inside keeps its work (`failures_kept`)."""
     client = client_for(config.tracking)
@@ -56,7 +41,7 @@ def kitchen_run(config: PipelineConfig, experiment_id: str, ingredients: dict[st
     with tracked_run(client, experiment_id, f"kitchen-{config.study_name}", tags, resume=resume) as run_id:
         workdir = (config.tracking.root / "kitchen" / run_id).resolve()
         with failures_kept(client, run_id, workdir, "soups kitchen"):
-            yield KitchenRun(config, client, experiment_id, run_id, workdir, resumed=resume is not None)
+            yield RunContext(config, client, experiment_id, run_id, workdir, resumed=resume is not None)
 
 
 class StepFailed(RuntimeError):

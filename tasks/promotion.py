@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 from prefect import task
@@ -15,11 +14,12 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from soups.checkpoint import load_state_dict
-from soups.config import PipelineConfig, TrackingConfig
+from soups.config import PipelineConfig
 from soups.cooking import CookingSetup, selection_key
 from soups.evaluate import Report
 from tasks.adapters.packaging import download_model_weights
-from tasks.adapters.tracking import client_for, ui_url
+from tasks.adapters.tracking import ui_url
+from tasks.context import RunContext
 from tasks.kitchen_runs import failing_as
 from tasks.registration import RegisteredCandidate
 
@@ -42,13 +42,9 @@ class PromotionDecision(BaseModel):
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote(
-    config: PipelineConfig,
-    kitchen_run_id: str,
-    candidates: list[RegisteredCandidate],
-    setup: CookingSetup,
-    workdir: Path,
-) -> PromotionDecision:
+def promote(run: RunContext, candidates: list[RegisteredCandidate], setup: CookingSetup) -> PromotionDecision:
+    """``run``: the kitchen's or the promotion's run, which records the decision."""
+    config = run.config
     if not candidates:
         raise NothingToPromoteError(
             f"no single-model candidates to promote (recipes: {config.kitchen.recipe_names()}); an ensemble is not one "
@@ -57,7 +53,7 @@ def promote(
     metric = config.kitchen.promotion_metric
     leading = max(candidates, key=lambda c: selection_key(metric, c.scores, c.ingredients)).name
     with failing_as("promote", leading), promotion_lock(config):  # read, compare, move the alias: one step
-        client = client_for(config.tracking)
+        client = run.client
         name = config.experiment
         champion = _alias(client, name, CHAMPION)
         reigning = str(champion.version) if champion else None
@@ -78,7 +74,7 @@ def promote(
             outcome = "champion (unchanged: already the champion)"
             champion_score = best.scores[metric]
         else:
-            rival = registered_candidate(champion, rescore(client, config, str(champion.version), setup, workdir))
+            rival = registered_candidate(champion, rescore(run, str(champion.version), setup))
             champion_score = rival.scores[metric]
             if key(best) > key(rival):
                 outcome = "champion (beats the previous champion)"
@@ -96,7 +92,7 @@ def promote(
             outcome=outcome,
             margin=margin_note(metric, best, rival),
         )
-        _log(client, kitchen_run_id, decision, name, config.tracking)
+        _log(run, decision)
         return decision
 
 
@@ -143,7 +139,7 @@ def registered_candidate(version, report: Report) -> RegisteredCandidate:
     ingredients = [v for v in version.tags.get("ingredient_versions", "").split(",") if v]
     recipe = version.tags.get("recipe", "unknown")
     return RegisteredCandidate(
-        name=recipe,
+        name=version.tags.get("candidate", recipe),  # its label (versions older than labels: the recipe)
         recipe=recipe,
         version=str(version.version),
         scores=report.scores,
@@ -159,13 +155,15 @@ def _alias(client, name: str, alias: str):
         return None
 
 
-def rescore(client, config: PipelineConfig, version: str, setup: CookingSetup, workdir: Path) -> Report:
+def rescore(run: RunContext, version: str, setup: CookingSetup) -> Report:
     """Score a registered version on today's data with the same evaluator as the candidates."""
-    weights = download_model_weights(client, config.experiment, version, Path(workdir) / f"registered-v{version}")
+    folder = run.workdir / f"registered-v{version}"
+    weights = download_model_weights(run.client, run.config.experiment, version, folder)
     return setup.evaluator.report(load_state_dict(weights))
 
 
-def _log(client, run_id: str, decision: PromotionDecision, name: str, tracking: TrackingConfig) -> None:
+def _log(run: RunContext, decision: PromotionDecision) -> None:
+    client, run_id, name, tracking = run.client, run.run_id, run.config.experiment, run.config.tracking
     client.set_tag(run_id, "promotion.outcome", decision.outcome)
     client.set_tag(run_id, "promotion.candidate_version", decision.candidate_version)
     client.set_tag(run_id, "promotion.margin", decision.margin)

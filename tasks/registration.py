@@ -14,8 +14,9 @@ from soups.cooking import Candidate, promotable
 from soups.serving import ClassifierSpec
 from tasks.adapters.packaging import log_classifier_model, logged_model_of
 from tasks.adapters.tracking import PARENT_RUN_TAG, bounded, nested_runs, tracked_run
+from tasks.context import RunContext
 from tasks.gathering import IngredientRef
-from tasks.kitchen_runs import KitchenRun, failing_as
+from tasks.kitchen_runs import failing_as
 
 
 class RegisteredCandidate(BaseModel):
@@ -29,7 +30,7 @@ class RegisteredCandidate(BaseModel):
 
 @task(name="register-soups", cache_policy=NO_CACHE)
 def register_candidates(
-    run: KitchenRun, spec: ClassifierSpec, candidates: list[Candidate], refs: list[IngredientRef]
+    run: RunContext, spec: ClassifierSpec, candidates: list[Candidate], refs: list[IngredientRef]
 ) -> list[RegisteredCandidate]:
     """Each promotable model (soups, best single, the best point of a sweep such as WiSE-FT's α) as a version of
     the registered model ``<experiment>``; a model whose weights are already registered (same weights digest)
@@ -90,7 +91,7 @@ def _description(candidate: Candidate) -> str:
 
 
 def _log_and_register(
-    run: KitchenRun, spec: ClassifierSpec, candidate: Candidate, lineage: dict[str, str], resume: str | None
+    run: RunContext, spec: ClassifierSpec, candidate: Candidate, lineage: dict[str, str], resume: str | None
 ) -> str:
     """One nested run per soup (scores, details.json, the pyfunc model) and a registry version whose tags
     are set at creation, so a version never exists without its sha256 and lineage. ``resume``: the soup's run
@@ -127,7 +128,7 @@ def _log_and_register(
 
 
 @task(name="log-candidates", cache_policy=NO_CACHE)
-def log_candidate_runs(run: KitchenRun, candidates: list[Candidate]) -> None:
+def log_candidate_runs(run: RunContext, candidates: list[Candidate]) -> None:
     """The leaderboard rows that have no run yet, as runs nested under the kitchen run: each WiSE-FT α and
     every ensemble, with their scores as metrics and their details, so every row can be found in the MLflow
     UI (ingredients are their trials' runs; registered soups have soup runs with their models; a row whose

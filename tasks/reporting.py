@@ -11,13 +11,13 @@ from prefect.cache_policies import NO_CACHE
 
 from soups.cooking import Candidate
 from tasks.adapters.tracking import run_url
+from tasks.context import RunContext
 from tasks.cooking import cooked_record
-from tasks.kitchen_runs import KitchenRun
 
 
 @task(name="log-kitchen-report", cache_policy=NO_CACHE)
 def log_kitchen_report(
-    run: KitchenRun, candidates: list[Candidate], split_sizes: dict[str, int], skipped: dict[str, str]
+    run: RunContext, candidates: list[Candidate], split_sizes: dict[str, int], skipped: dict[str, str]
 ) -> list[dict]:
     """Leaderboard (MLflow table + CSV + Prefect table), figures and the reproduction report, logged to the
     kitchen run; ``skipped``: registered ingredient versions left out, with why."""

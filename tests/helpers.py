@@ -27,6 +27,23 @@ def write_ingredients(folder: Path, seeds: list[int], dtype: torch.dtype = torch
     ]
 
 
+def perturbed_pool(base: Path, folder: Path, count: int = 3, seed: int = 0) -> list[Ingredient]:
+    """``count`` ingredients: the start at ``base`` with small seeded noise on every floating tensor, scored
+    0.5, 0.6, ... so the last is the best."""
+    from soups.checkpoint import load_state_dict
+
+    start = load_state_dict(base)
+    noise = torch.Generator().manual_seed(seed)
+    pool = []
+    for k in range(count):
+        weights = {
+            key: value + 0.05 * torch.randn(value.shape, generator=noise) if value.is_floating_point() else value
+            for key, value in start.items()
+        }
+        pool.append(Ingredient(save_state_dict(weights, folder / f"i{k}.safetensors"), 0.5 + k / 10, f"i{k}"))
+    return pool
+
+
 def stack_folder() -> Path:
     """A folder PostgreSQL can reach for `soups stack up --root`: run as root, it runs as the `postgres` user,
     and pytest's own temporary folders are private to root."""

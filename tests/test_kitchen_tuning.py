@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from soups.checkpoint import Ingredient, load_state_dict, save_state_dict
+from soups.checkpoint import load_state_dict
 from soups.config import ConfigError, RecipeChoice, load_config
 from soups.cooking import cook_and_score, prepare_cooking
 from soups.recipes import get_recipe
+from tests.helpers import perturbed_pool
 
 
 @pytest.fixture(scope="module")
@@ -18,15 +19,7 @@ def kitchen(tmp_path_factory):
     config = load_config(None, {"pretrain": None, "kitchen.bootstrap": 0})
     work = tmp_path_factory.mktemp("kitchen")
     setup = prepare_cooking(config, work)
-    base = load_state_dict(setup.recipe_inputs.base)
-    noise = torch.Generator().manual_seed(0)
-    pool = []
-    for k in range(3):
-        weights = {
-            key: value + 0.05 * torch.randn(value.shape, generator=noise) if value.is_floating_point() else value
-            for key, value in base.items()
-        }
-        pool.append(Ingredient(save_state_dict(weights, work / f"i{k}.safetensors"), 0.5 + k / 10, f"i{k}"))
+    pool = perturbed_pool(setup.recipe_inputs.base, work, seed=0)
     return setup, pool
 
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 from pydantic import Field
 
-from soups.checkpoint import Ingredient, load_state_dict, save_state_dict
+from soups.checkpoint import Ingredient
 from soups.config import RecipeChoice, load_config
 from soups.cooking import cook_and_score, load_cooked, prepare_cooking, promotable, save_cooked, score_ingredients
 from soups.figures import canvas
@@ -19,6 +18,7 @@ from soups.recipes import RECIPES, Dish, Recipe, RecipeDetails, RecipeInputs, Re
 from soups.report import kitchen_figures, leaderboard
 from soups.reproduction import paper_rows, reproduction_report
 from soups.statedict import blend, load_ingredient
+from tests.helpers import perturbed_pool
 
 
 class ToyOptions(RecipeOptions):
@@ -69,15 +69,7 @@ def kitchen(tmp_path_factory):
     config = load_config(None, {"pretrain": None, "kitchen.bootstrap": 0})
     work = tmp_path_factory.mktemp("toy-kitchen")
     setup = prepare_cooking(config, work)
-    base = load_state_dict(setup.recipe_inputs.base)
-    noise = torch.Generator().manual_seed(1)
-    pool = []
-    for k in range(3):
-        weights = {
-            key: value + 0.05 * torch.randn(value.shape, generator=noise) if value.is_floating_point() else value
-            for key, value in base.items()
-        }
-        pool.append(Ingredient(save_state_dict(weights, work / f"i{k}.safetensors"), 0.5 + k / 10, f"i{k}"))
+    pool = perturbed_pool(setup.recipe_inputs.base, work, seed=1)
     return setup, pool
 
 

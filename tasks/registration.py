@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from soups.checkpoint import weights_digest
 from soups.cooking import Candidate, promotable
 from soups.serving import ClassifierSpec
+from soups.splits import HELDOUT
 from tasks.adapters.packaging import log_classifier_model, logged_model_of
 from tasks.adapters.tracking import PARENT_RUN_TAG, bounded, nested_runs, tracked_run
 from tasks.context import RunContext
@@ -96,19 +97,14 @@ def _log_and_register(
     """One nested run per soup (scores, details.json, the pyfunc model) and a registry version whose tags
     are set at creation, so a version never exists without its sha256 and lineage. ``resume``: the soup's run
     from an earlier try of this kitchen, reopened (its logged model reused when it was uploaded whole)."""
-    from mlflow.entities import Metric
-
     client = run.client
     tags = {PARENT_RUN_TAG: run.run_id, "kind": "soup", "recipe": candidate.recipe, "candidate": candidate.name}
     with tracked_run(client, run.experiment_id, candidate.stored_name, tags, resume=resume) as run_id:
         for key, value in candidate.scores.items():
             client.log_metric(run_id, key, value)
-        curves = {**candidate.details.curves(), "grid_heldout": [point["heldout"] for point in candidate.grid]}
-        for metric, values in curves.items():  # the learned soup's fit per step, the held-out tuning curve
-            for start in range(0, len(values), 1000):
-                now = int(time.time() * 1000)
-                batch = [Metric(metric, v, now, start + i) for i, v in enumerate(values[start : start + 1000])]
-                client.log_batch(run_id, metrics=batch)
+        for metric, values in candidate.details.curves().items():  # e.g. the learned soup's fit, steps from 1
+            _log_series(client, run_id, metric, values, first_step=1)
+        _log_series(client, run_id, "grid_heldout", [point[HELDOUT] for point in candidate.grid], first_step=0)
         client.log_dict(run_id, candidate.details_json(), "details.json")
         version_tags = {**lineage, **{key: bounded(value, run_id) for key, value in candidate.tags().items()}}
         logged = logged_model_of(client, run_id, candidate.stored_name) if resume else None
@@ -125,6 +121,17 @@ def _log_and_register(
             model_id=model_id,
         )
     return str(version.version)
+
+
+def _log_series(client, run_id: str, metric: str, values: list[float], first_step: int) -> None:
+    """One metric point per step, in batches MLflow accepts."""
+    from mlflow.entities import Metric
+
+    for start in range(0, len(values), 1000):
+        now = int(time.time() * 1000)
+        chunk = values[start : start + 1000]
+        batch = [Metric(metric, v, now, first_step + start + i) for i, v in enumerate(chunk)]
+        client.log_batch(run_id, metrics=batch)
 
 
 @task(name="log-candidates", cache_policy=NO_CACHE)

@@ -34,8 +34,7 @@ def kitchen_flow(config: PipelineConfig, experiment_id: str | None = None) -> di
         scored = list(candidates)
         for choice in planned.entries:
             candidates += cook_task(run, setup, choice, refs, scored)
-        sizes = {name: len(split) for name, split in setup.evaluator.splits.items()}
-        board = log_kitchen_report(run, candidates, sizes, gathered.skipped)
+        board = log_kitchen_report(run, setup, candidates, gathered.skipped)
         registered = register_candidates(run, setup.spec, candidates, refs)
         log_candidate_runs(run, candidates)
         decision = promote(run, registered, setup)

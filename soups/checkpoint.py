@@ -55,6 +55,8 @@ class Ingredient:
     score: float | None = None
     name: str = ""
     origin: Mapping[str, str] = field(default_factory=dict)
+    loss: float | None = None
+    """Held-out loss, the first tie-break after ``score`` (`soups.selection`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))

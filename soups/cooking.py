@@ -8,101 +8,27 @@ flow passes that `CookingSetup` to each step instead of rebuilding it.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from soups.checkpoint import Ingredient, file_sha256, load_state_dict, save_state_dict
+from soups.candidates import INGREDIENT, Candidate
+from soups.checkpoint import Ingredient, load_state_dict, save_state_dict
 from soups.config import KitchenConfig, PipelineConfig, RecipeChoice
 from soups.data import DatasetBundle, load_dataset
 from soups.evaluate import Evaluator, evaluation_splits
 from soups.images import ImageSplit, ImageTensors, Preprocess, cached_or_streamed
 from soups.models import empty_classifier
-from soups.names import stored_name
 from soups.pretrain import has_start
-from soups.recipes import Dish, FitSet, NoDetails, Recipe, RecipeDetails, RecipeInputs, cook, get_recipe
+from soups.recipes import Dish, FitSet, RecipeInputs, cook, get_recipe
 from soups.runtime import resolve_device
+from soups.selection import selection_key
 from soups.serving import ClassifierSpec
 from soups.splits import HELDOUT, HELDOUT_LOSS, ood_val_split
 from soups.train import zero_shot_start
-
-INGREDIENT = "ingredient"
-"""The `Candidate.recipe` of a raw ingredient (a fine-tune scored as it is; no recipe cooked it)."""
-
-
-@dataclass
-class Candidate:
-    """One row of the leaderboard: a model, how it was made, and how it scores. Every output of the kitchen
-    (leaderboard row, figure, nested run, registry version, promotion) is keyed by its label."""
-
-    name: str
-    """Its label, for people: the leaderboard, report.md and log lines (``wise_ft_0.60``)."""
-    recipe: str
-    ingredients: list[str]
-    scores: dict[str, float]
-    checkpoint: Path | None = None
-    details: RecipeDetails = field(default_factory=NoDetails)
-    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
-    tuned: dict[str, Any] | None = None
-    """The grid point the held-out scoring split chose, when its entry was tuned over a grid."""
-    grid: list[dict[str, Any]] = field(default_factory=list)
-    """Every grid point tried: {options, heldout, heldout_loss}."""
-    stored_name: str = field(init=False)
-    """What every store calls it (files, MLflow runs and logged models, tags, aliases): `soups.names`."""
-
-    def __post_init__(self) -> None:
-        self.stored_name = stored_name(self.name)
-
-    @property
-    def is_single_model(self) -> bool:
-        """Ensembles cost N forward passes; only single models can be promoted."""
-        return self.checkpoint is not None
-
-    @property
-    def is_ingredient(self) -> bool:
-        return self.recipe == INGREDIENT
-
-    @property
-    def made_by(self) -> Recipe | None:
-        """The recipe that cooked it; None for a raw ingredient."""
-        return None if self.is_ingredient else get_recipe(self.recipe)
-
-    def details_json(self) -> dict[str, Any]:
-        """Its details.json: ingredients, the recipe's details and, when tuned, the grid and its choice."""
-        tuning = {"tuned": self.tuned, "grid": self.grid} if self.tuned is not None else {}
-        return {"ingredients": self.ingredients, **self.details.as_json(), **tuning}
-
-    def tags(self) -> dict[str, str]:
-        """What a registry reader filters on: the recipe's own tags (WiSE-FT's alpha), the tuned options."""
-        tuned = {"tuned": json.dumps(self.tuned)} if self.tuned is not None else {}
-        return {**self.details.tags(), **tuned}
-
-
-def selection_key(metric: str, scores: dict[str, float], ingredients: int) -> tuple[float, float, int]:
-    """Higher is better: the selection metric, then lower held-out loss, then fewer ingredients (cheaper to
-    explain). Only held-out-derived numbers: test and the reported shift sets never choose a model."""
-    return scores[metric], -scores[HELDOUT_LOSS], -ingredients
-
-
-def promotable(candidates: list[Candidate]) -> list[Candidate]:
-    """Single models cooked by a recipe its module declares promotable (not raw ingredients); of a sweep
-    recipe's points (WiSE-FT's α) only the best by held-out."""
-    chosen, sweeps = [], {}
-    for c in candidates:
-        recipe = c.made_by
-        if recipe is None or not recipe.promotable or not c.is_single_model:
-            continue
-        if recipe.sweep is None:
-            chosen.append(c)
-        else:
-            sweeps.setdefault(recipe.name, []).append(c)
-    for points in sweeps.values():
-        chosen.append(max(points, key=lambda c: selection_key(HELDOUT, c.scores, len(c.ingredients))))
-    return chosen
 
 
 @dataclass(frozen=True)
@@ -135,14 +61,19 @@ class CookingSetup:
     evaluator: Evaluator
     recipe_inputs: RecipeInputs
     spec: ClassifierSpec
+    fit_scored: tuple[str, ...] = ()
+    """Scores measured on the very images learned soups fit on (the whole-held-out protocol); empty when the
+    held-out split is cut into a fitting and a scoring part."""
 
 
 def prepare_cooking(config: PipelineConfig, workdir: Path) -> CookingSetup:
     """Zero-shot start (the WiSE-FT base), evaluator over every split, and the learned soups' fitting images.
 
-    Learned soups fit their mixing weights on one part of the held-out split; every candidate is then
-    scored and promoted on the other part (``heldout`` in the leaderboard), so a soup is never chosen on
-    the very images it was fitted to. Greedy selection uses that scoring part, as the paper's greedy soup does.
+    With ``kitchen.learned_fit_fraction`` above 0, learned soups fit their mixing weights on one part of the
+    held-out split and every candidate is scored, selected and promoted on the other part (``heldout`` in the
+    leaderboard), so no soup is chosen on the images it was fitted to. With 0 (the official protocol), learned
+    soups fit on the whole held-out split and greedy scores it whole; the learned soups' held-out scores are
+    then in-sample (`CookingSetup.fit_scored`).
     """
     device = resolve_device(config.train.device)
     bundle = load_dataset(config.data)
@@ -156,12 +87,15 @@ def prepare_cooking(config: PipelineConfig, workdir: Path) -> CookingSetup:
     fraction, seed = config.kitchen.learned_fit_fraction, config.data.seed
     fit_rows, score_rows = heldout_partition(len(splits[HELDOUT]), fraction, seed)
     fit, splits[HELDOUT] = splits[HELDOUT].subset(fit_rows), splits[HELDOUT].subset(score_rows)
+    fit_scored = [HELDOUT, HELDOUT_LOSS] if fraction == 0 else []
     left = max(0, config.eval.cache_bytes - sum(len(s) for s in splits.values()) * preprocess.image_bytes())
     ood = cached_or_streamed(list(bundle.ood_val.items()), preprocess, left, config.eval.workers)
     for name, dataset in bundle.ood_val.items():
         # Sets made from the held-out images themselves keep only the scoring part, like held-out.
         same = _same_images(dataset, bundle.heldout)
         splits[ood_val_split(name)] = ood[name].subset(score_rows) if same else ood[name]
+        if same and fraction == 0:
+            fit_scored.append(ood_val_split(name))
     evaluator = Evaluator(
         classifier,
         splits,
@@ -185,12 +119,16 @@ def prepare_cooking(config: PipelineConfig, workdir: Path) -> CookingSetup:
         train_images=_train_images(config, bundle, preprocess),
         normalize=preprocess.normalize,
     )
-    return CookingSetup(evaluator, inputs, ClassifierSpec(config.model.name, list(bundle.classnames), preprocess))
+    spec = ClassifierSpec(config.model.name, list(bundle.classnames), preprocess)
+    return CookingSetup(evaluator, inputs, spec, tuple(fit_scored))
 
 
 def heldout_partition(size: int, fit_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded disjoint (fit, score) row indices of the held-out split."""
+    """Seeded disjoint (fit, score) row indices of the held-out split; with ``fit_fraction`` 0 both are the
+    whole split (the official protocol: fit and select on all of it)."""
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    if fit_fraction == 0:
+        return order, order
     cut = max(1, min(size - 1, round(fit_fraction * size)))
     return order[:cut], order[cut:]
 
@@ -232,6 +170,7 @@ def score_ingredients(setup: CookingSetup, ingredients: Sequence[Ingredient]) ->
                 report.scores,
                 ingredient.path,
                 intervals=report.intervals,
+                hits=report.hits,
             )
         )
     return candidates
@@ -248,11 +187,13 @@ def cook_and_score(
         dishes = [dish]
     else:
         dishes = cook(choice.name, ingredients, setup.recipe_inputs, **choice.options)
+    fitted_on_heldout = "fit_batches" in get_recipe(choice.name).needs
     candidates = []
     for dish, label in zip(dishes, choice.candidate_labels(), strict=True):
         dish.name = label
         candidate = _save_and_score(setup, dish, Path(out_dir))
         candidate.tuned, candidate.grid = tuned, curve
+        candidate.in_sample = list(setup.fit_scored) if fitted_on_heldout else []
         candidates.append(candidate)
     return candidates
 
@@ -260,8 +201,8 @@ def cook_and_score(
 def tune_on_heldout(
     setup: CookingSetup, choice: RecipeChoice, ingredients: Sequence[Ingredient]
 ) -> tuple[Dish, dict[str, Any], list[dict[str, Any]]]:
-    """Cook every grid point and keep the dish the held-out scoring split ranks first (accuracy, then loss);
-    returns it with its grid point and the whole curve."""
+    """Cook every grid point and keep the dish the held-out scoring split ranks first (`soups.selection` order;
+    the earlier point on a full tie); returns it with its grid point and the whole curve."""
     best, best_key, tuned, curve = None, None, None, []
     for point in choice.grid_points():
         for dish in cook(choice.name, ingredients, setup.recipe_inputs, **point):
@@ -271,7 +212,7 @@ def tune_on_heldout(
             metrics = setup.evaluator.metrics(HELDOUT)
             tried = {k: point[k] for k in choice.grid}
             curve.append({"options": tried, HELDOUT: metrics.accuracy, HELDOUT_LOSS: metrics.loss})
-            key = (metrics.accuracy, -metrics.loss)
+            key = selection_key(metrics.accuracy, metrics.loss, len(dish.ingredients))
             if best_key is None or key > best_key:
                 best, best_key, tuned = dish, key, tried
     return best, tuned, curve
@@ -282,45 +223,9 @@ def _save_and_score(setup: CookingSetup, dish: Dish, out_dir: Path) -> Candidate
     details = dish.details
     if dish.state_dict is None:
         report = setup.evaluator.report(model=dish.model)
-        return Candidate(dish.name, dish.recipe, names, report.scores, None, details, report.intervals)
+        return Candidate(dish.name, dish.recipe, names, report.scores, None, details, report.intervals, report.hits)
     report = setup.evaluator.report(dish.state_dict)
-    candidate = Candidate(dish.name, dish.recipe, names, report.scores, None, details, report.intervals)
+    candidate = Candidate(dish.name, dish.recipe, names, report.scores, None, details, report.intervals, report.hits)
     metadata = {"recipe": dish.recipe, "candidate": dish.name, "ingredients": json.dumps(names)}
     candidate.checkpoint = save_state_dict(dish.state_dict, out_dir / f"{candidate.stored_name}.safetensors", metadata)
     return candidate
-
-
-def save_cooked(record: Path, candidates: Sequence[Candidate]) -> None:
-    """What one kitchen step cooked and scored, written beside its checkpoints (atomically) as soon as it is
-    done, so a kitchen that fails later is resumed without cooking or scoring it again. Checkpoints are
-    recorded relative to the record's folder with their sha256."""
-    rows = []
-    for c in candidates:
-        row = {k: v for k, v in asdict(c).items() if k not in ("checkpoint", "stored_name", "details")}
-        row["details"] = c.details.as_json()
-        if c.checkpoint is not None:
-            row["checkpoint"] = os.path.relpath(c.checkpoint, record.parent)
-            row["sha256"] = file_sha256(c.checkpoint)
-        rows.append(row)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    partial = record.with_name(f".{record.name}.tmp")
-    partial.write_text(json.dumps(rows, indent=1))
-    os.replace(partial, record)
-
-
-def load_cooked(record: Path) -> list[Candidate] | None:
-    """The candidates `save_cooked` recorded, or None when there is no record or one of its checkpoints is gone
-    or changed (then the step is cooked again)."""
-    if not record.is_file():
-        return None
-    candidates = []
-    for row in json.loads(record.read_text()):
-        digest, relative = row.pop("sha256", None), row.pop("checkpoint", None)
-        checkpoint = (record.parent / relative).resolve() if relative else None
-        if checkpoint is not None and (not checkpoint.is_file() or file_sha256(checkpoint) != digest):
-            return None
-        intervals = {k: tuple(v) for k, v in row.pop("intervals").items()}
-        kind = NoDetails if row["recipe"] == INGREDIENT else get_recipe(row["recipe"]).details
-        details = kind.model_validate(row.pop("details"))
-        candidates.append(Candidate(**row, checkpoint=checkpoint, details=details, intervals=intervals))
-    return candidates

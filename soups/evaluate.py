@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from soups.checkpoint import StateDict
 from soups.data import DatasetBundle
 from soups.images import ImageSplit, ImageTensors, Preprocess, cached_or_streamed
-from soups.intervals import bootstrap_interval
+from soups.intervals import PairedDifference, bootstrap_interval, paired_difference
 from soups.splits import OOD_VAL_MEAN, SHIFT_MEAN
 
 
@@ -102,6 +102,8 @@ class Report:
 
     scores: dict[str, float]
     intervals: dict[str, tuple[float, float]]
+    hits: dict[str, torch.Tensor]
+    """Per split, which images the model got right: what paired comparisons resample."""
 
 
 class Evaluator:
@@ -185,14 +187,31 @@ class Evaluator:
         for mean, members in self.groups.items():
             if members:
                 scores[mean] = sum(scores[s] for s in members) / len(members)
-        return Report(scores, self._intervals(hits))
+        return Report(scores, self._intervals(hits), hits)
+
+    def members(self, score: str) -> tuple[str, ...]:
+        """The splits an accuracy is measured on: a mean's sets (``shift_mean``), or the split itself."""
+        return self.groups.get(score) or (score,)
+
+    def paired(
+        self, first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor], score: str
+    ) -> PairedDifference | None:
+        """``first`` minus ``second`` on ``score`` from two models' per-split hits on these very images, with a
+        paired bootstrap interval (the same resampled images for both); None when intervals are off."""
+        if not self.bootstrap:
+            return None
+        sets = self.members(score)
+        return paired_difference([first[s] for s in sets], [second[s] for s in sets], self.bootstrap, self._seed(score))
+
+    def _seed(self, score: str) -> int:
+        """One bootstrap seed per split or mean, so every model is resampled with the same image indices."""
+        return self.seed + [*self.splits, *self.groups].index(score)
 
     def _intervals(self, hits: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
         if not self.bootstrap:
             return {}
-        seeds = {name: self.seed + k for k, name in enumerate([*self.splits, *self.groups])}
-        intervals = {split: bootstrap_interval([h], self.bootstrap, seeds[split]) for split, h in hits.items()}
+        intervals = {split: bootstrap_interval([h], self.bootstrap, self._seed(split)) for split, h in hits.items()}
         for mean, members in self.groups.items():
             if members:
-                intervals[mean] = bootstrap_interval([hits[s] for s in members], self.bootstrap, seeds[mean])
+                intervals[mean] = bootstrap_interval([hits[s] for s in members], self.bootstrap, self._seed(mean))
         return intervals

@@ -7,35 +7,52 @@ from typing import Any
 
 import pandas as pd
 
-from soups.cooking import INGREDIENT, Candidate
+from soups.candidates import INGREDIENT, Candidate
 from soups.figures import canvas
 from soups.splits import HELDOUT, HELDOUT_LOSS
 
 
 def leaderboard(candidates: Sequence[Candidate]) -> pd.DataFrame:
     """One row per model: every accuracy (the evaluator's columns, in its order) with ``<column>_lo`` /
-    ``<column>_hi`` 95 % bounds when intervals were computed, held-out loss, number of ingredients; ordered
-    as selection orders them (held-out accuracy, then lower held-out loss, then fewer ingredients)."""
+    ``<column>_hi`` 95 % bounds when intervals were computed, held-out loss, number of ingredients and the
+    in-sample scores (comma-separated, usually empty); ordered as `soups.selection` orders them (held-out
+    accuracy, then lower held-out loss, then fewer ingredients; cooking order on a full tie)."""
     rows = []
     for c in candidates:
         bounds = {f"{k}_{side}": v for k, (lo, hi) in c.intervals.items() for side, v in (("lo", lo), ("hi", hi))}
-        rows.append({"model": c.name, "recipe": c.recipe, **c.scores, **bounds, "ingredients": len(c.ingredients)})
+        rows.append(
+            {
+                "model": c.name,
+                "recipe": c.recipe,
+                **c.scores,
+                **bounds,
+                "ingredients": len(c.ingredients),
+                "in_sample": ",".join(c.in_sample),
+            }
+        )
     board = pd.DataFrame(rows)
-    return board.sort_values([HELDOUT, HELDOUT_LOSS, "ingredients"], ascending=[False, True, True], ignore_index=True)
+    order = [HELDOUT, HELDOUT_LOSS, "ingredients"]
+    return board.sort_values(order, ascending=[False, True, True], ignore_index=True, kind="stable")
 
 
 def accuracy_columns(board: pd.DataFrame) -> list[str]:
     """The accuracy columns of a leaderboard, in the evaluator's order (no bounds, loss or counts)."""
-    skip = {"model", "recipe", "ingredients", "heldout_loss"}
+    skip = {"model", "recipe", "ingredients", "heldout_loss", "in_sample"}
     return [c for c in board.columns if c not in skip and not c.endswith(("_lo", "_hi"))]
 
 
 def with_intervals(board: pd.DataFrame, row: int, column: str, digits: int = 4) -> str:
-    """'0.9663 [0.91,0.99]' when the column has bounds, else '0.9663'."""
+    """'0.9663 [0.91,0.99]' when the column has bounds, else '0.9663'; '*' after an in-sample score."""
     value = f"{board.at[row, column]:.{digits}f}"
-    if f"{column}_lo" not in board.columns:
-        return value
-    return f"{value} [{board.at[row, f'{column}_lo']:.2f},{board.at[row, f'{column}_hi']:.2f}]"
+    if f"{column}_lo" in board.columns:
+        value += f" [{board.at[row, f'{column}_lo']:.2f},{board.at[row, f'{column}_hi']:.2f}]"
+    return value + ("*" if column in in_sample(board.loc[row]) else "")
+
+
+def in_sample(row: pd.Series) -> list[str]:
+    """The scores of a leaderboard row measured on the images it was fitted to (marked * where shown)."""
+    marked = row.get("in_sample")
+    return marked.split(",") if isinstance(marked, str) and marked else []
 
 
 def format_leaderboard(board: pd.DataFrame) -> str:

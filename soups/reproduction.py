@@ -1,30 +1,42 @@
 """A reproduction report per study, modelled on the paper's Table 1 and Figure 1: every recipe and baseline
-with held-out, test and each shift set (with 95 % intervals), the orderings the data resolves, and the
-figures. Markdown, so it pastes into a lab notebook and renders in MLflow's artifact view."""
+with held-out, test and each shift set (with 95 % intervals), the paper's published numbers when the experiment
+follows a paper preset, the paper's comparisons judged by a paired test on the same images, and the figures.
+Markdown, so it pastes into a lab notebook and renders in MLflow's artifact view."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pandas as pd
 
-from soups.cooking import INGREDIENT
+from soups.candidates import INGREDIENT
+from soups.intervals import PairedDifference
 from soups.recipes import RECIPES
-from soups.report import accuracy_columns
+from soups.report import accuracy_columns, in_sample
+
+Compare = Callable[[str, str, str], PairedDifference | None]
+"""(first label, second label, score) -> first minus second, paired over the same images (None: no intervals)."""
 
 
 def _cell(row: pd.Series, column: str) -> str:
     value = f"{100 * row[column]:.1f}"
-    if f"{column}_lo" not in row.index:
-        return value
-    return f"{value} ({100 * row[f'{column}_lo']:.1f}–{100 * row[f'{column}_hi']:.1f})"
+    if f"{column}_lo" in row.index:
+        value += f" ({100 * row[f'{column}_lo']:.1f}–{100 * row[f'{column}_hi']:.1f})"
+    return value + ("*" if column in in_sample(row) else "")
 
 
-def _table(rows: pd.DataFrame, columns: Sequence[str]) -> list[str]:
-    lines = ["| model | " + " | ".join(columns) + " | ingredients |", "|---" * (len(columns) + 2) + "|"]
+def _table(rows: pd.DataFrame, columns: Sequence[str], paper: str | None = None) -> list[str]:
+    published = [f"paper {column}" for column in ("ImageNet", "shifts")] if paper else []
+    lines = [
+        "| model | " + " | ".join([*columns, *published]) + " | ingredients |",
+        "|---" * (len(columns) + len(published) + 2) + "|",
+    ]
     for _, row in rows.iterrows():
-        cells = " | ".join(_cell(row, c) for c in columns)
-        lines.append(f"| {row.model} | {cells} | {row.ingredients} |")
+        cells = [_cell(row, c) for c in columns]
+        if paper:
+            numbers = RECIPES[row.recipe].published.get(paper) if row.recipe in RECIPES else None
+            cells += [f"{n:.2f}" for n in numbers] if numbers else ["–", "–"]
+        lines.append(f"| {row.model} | {' | '.join(cells)} | {row.ingredients} |")
     return lines
 
 
@@ -46,24 +58,23 @@ def comparisons() -> list[tuple[str, str]]:
     return [(recipe.default_names()[0], other) for recipe in RECIPES.values() for other in recipe.compared_with]
 
 
-def resolved_orderings(board: pd.DataFrame, column: str) -> list[str]:
-    """For the paper's comparisons, whether the data separates the two models on ``column`` (intervals that
-    do not overlap) or not; without intervals nothing is claimed."""
-    if f"{column}_lo" not in board.columns:
-        return []
-    by_name = board.set_index("model")
+def resolved_orderings(board: pd.DataFrame, column: str, compare: Compare) -> list[str]:
+    """For the paper's comparisons, the accuracy difference on ``column`` with its 95 % paired bootstrap
+    interval (both models resampled on the same images), and whether it excludes 0."""
+    cooked = set(board.model)
     lines = []
     for a, b in comparisons():
-        if a not in by_name.index or b not in by_name.index:
+        if a not in cooked or b not in cooked:
             continue
-        first, second = by_name.loc[a], by_name.loc[b]
-        if first[f"{column}_lo"] > second[f"{column}_hi"]:
-            verdict = f"**{a} > {b}** (intervals do not overlap)"
-        elif second[f"{column}_lo"] > first[f"{column}_hi"]:
-            verdict = f"**{b} > {a}** (intervals do not overlap)"
+        paired = compare(a, b, column)
+        if paired is None:
+            return []
+        if paired.resolved:
+            winner, loser = (a, b) if paired.difference > 0 else (b, a)
+            verdict = f"**{winner} > {loser}**: {a} − {b} = {paired} (the interval excludes 0)"
         else:
-            verdict = f"{a} vs {b}: not resolved (intervals overlap)"
-        lines.append(f"- {column}: {verdict}; {100 * first[column]:.1f} vs {100 * second[column]:.1f}")
+            verdict = f"{a} vs {b}: not resolved, {a} − {b} = {paired} (the interval includes 0)"
+        lines.append(f"- {column}: {verdict}")
     return lines
 
 
@@ -74,28 +85,53 @@ def reproduction_report(
     split_sizes: Mapping[str, int],
     figures: Sequence[str],
     resamples: int,
+    compare: Compare,
+    whole_heldout: bool = False,
+    paper: str | None = None,
     skipped: Mapping[str, str] | None = None,
 ) -> str:
-    """The whole report as markdown; ``figures`` are file names logged beside it; ``skipped``: registered
+    """The whole report as markdown; ``figures`` are file names logged beside it; ``compare`` judges two
+    candidates on the same images; ``whole_heldout``: the official protocol (learned soups fit on all of
+    held-out); ``paper``: the preset whose published numbers stand beside ours; ``skipped``: registered
     ingredient versions left out of this kitchen, with why."""
     columns = accuracy_columns(board)
     ingredients = int((board.recipe == INGREDIENT).sum())
     sizes = ", ".join(f"{name} {count}" for name, count in split_sizes.items())
     interval = f"95 % bootstrap intervals over images ({resamples} resamples, seeded)" if resamples else "no intervals"
+    heldout = (
+        "`heldout` is the whole held-out split: learned soups fit on it, and it selects (greedy, promotion); values "
+        "marked * are in-sample (the learned soups' own fitting images) and never promote them."
+        if whole_heldout
+        else "`heldout` is the scoring part of the held-out split (learned soups fit on the other part): it selects "
+        "(greedy, promotion)."
+    )
+    resolved = resolved_orderings(board, "test", compare) + resolved_orderings(board, "shift_mean", compare)
     lines = [
         f"# Model soups: reproduction report for study `{study}`",
         "",
         f"{ingredients} ingredients. Accuracy in %, {interval}. Images per split: {sizes}.",
-        "`heldout` is the scoring part of the held-out split: it selects (greedy, promotion); test and the shift",
-        "sets only report. `shift_mean` is the mean over the shift sets, the paper's OOD score.",
+        heldout,
+        "Held-out intervals describe the images that selected the models, not evidence that one is better; test and",
+        "the shift sets only report. `shift_mean` is the mean over the shift sets, the paper's OOD score.",
         "",
         "## The paper's table",
         "",
-        *_table(paper_rows(board), columns),
+        *(
+            [
+                f"`paper` columns: the paper's published `{paper}` numbers (ImageNet top-1, mean of 5 shifts).",
+                "",
+            ]
+            if paper
+            else []
+        ),
+        *_table(paper_rows(board), columns, paper),
         "",
         "## What the data resolves",
         "",
-        *(resolved_orderings(board, "test") + resolved_orderings(board, "shift_mean") or ["- (no intervals)"]),
+        "Each of the paper's comparisons by a paired test: the accuracy difference on the same images with its 95 %",
+        f"paired bootstrap interval ({resamples} resamples of the images, both models resampled alike).",
+        "",
+        *(resolved or ["- (no intervals: kitchen.bootstrap is 0)"]),
         "",
         "## Figures",
         "",

@@ -15,18 +15,10 @@ from prefect import task
 from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
 
+from soups.candidates import Candidate, load_cooked, save_cooked
 from soups.config import RecipeChoice
-from soups.cooking import (
-    Candidate,
-    CookingSetup,
-    Menu,
-    cook_and_score,
-    load_cooked,
-    menu,
-    prepare_cooking,
-    save_cooked,
-    score_ingredients,
-)
+from soups.cooking import CookingSetup, Menu, cook_and_score, menu, prepare_cooking, score_ingredients
+from soups.splits import HELDOUT, HELDOUT_LOSS
 from tasks.adapters.tracking import TAG_LIMIT, log_context, log_dataset_input, run_url
 from tasks.context import RunContext
 from tasks.gathering import Gathered, IngredientRef
@@ -90,8 +82,8 @@ def cook_task(
     if candidates is not None:
         print(f"{choice.key}: read back from {record}, not cooked again")
     else:
-        heldout = {c.name: c.scores["heldout"] for c in scored}
-        ingredients = [r.ingredient(heldout[r.name]) for r in refs]
+        heldout = {c.name: c.scores for c in scored}
+        ingredients = [r.ingredient(heldout[r.name][HELDOUT], heldout[r.name][HELDOUT_LOSS]) for r in refs]
         with failing_as("cook", choice.key):
             candidates = cook_and_score(setup, choice, ingredients, run.workdir / "soups")
         save_cooked(record, candidates)

@@ -9,6 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from soups.candidates import Candidate
 from soups.checkpoint import (
     CheckpointError,
     IncompatibleCheckpointsError,
@@ -19,7 +20,6 @@ from soups.checkpoint import (
     read_header,
 )
 from soups.config import PipelineConfig
-from soups.cooking import Candidate
 from soups.names import unique_stored_names
 from tasks.adapters.cache import ChecksumMismatchError, cached_artifact
 from tasks.adapters.tracking import client_for, ingredients_model_name, weights_uri
@@ -43,10 +43,12 @@ class IngredientRef(BaseModel):
         trials share a number in one kitchen."""
         return f"trial-{self.trial}" if self.trial is not None else f"ingredient-v{self.version}"
 
-    def ingredient(self, score: float | None = None) -> Ingredient:
-        """As a recipe ingredient with its held-out ``score`` as the kitchen measured it (greedy compares like
-        with like: every ingredient is scored with the evaluator the soups are scored with)."""
-        return Ingredient(self.checkpoint, score, self.name, {"version": self.version, "run_id": self.run_id})
+    def ingredient(self, score: float | None = None, loss: float | None = None) -> Ingredient:
+        """As a recipe ingredient with its held-out ``score`` and ``loss`` as the kitchen measured them (greedy
+        compares like with like: every ingredient is scored with the evaluator the soups are scored with; the
+        version breaks full ties)."""
+        origin = {"version": self.version, "run_id": self.run_id}
+        return Ingredient(self.checkpoint, score, self.name, origin, loss)
 
 
 class Gathered(BaseModel):

@@ -4,9 +4,10 @@ nothing the second time."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 
+import torch
 from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -15,8 +16,10 @@ from pydantic import BaseModel
 
 from soups.checkpoint import load_state_dict
 from soups.config import PipelineConfig
-from soups.cooking import CookingSetup, selection_key
+from soups.cooking import CookingSetup
 from soups.evaluate import Report
+from soups.intervals import PairedDifference
+from soups.recipes import RECIPES
 from tasks.adapters.packaging import download_model_weights
 from tasks.adapters.tracking import ui_url
 from tasks.context import RunContext
@@ -24,6 +27,7 @@ from tasks.kitchen_runs import failing_as
 from tasks.registration import RegisteredCandidate
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+Paired = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], str], PairedDifference | None]
 
 
 class NothingToPromoteError(ValueError):
@@ -45,23 +49,25 @@ class PromotionDecision(BaseModel):
 def promote(run: RunContext, candidates: list[RegisteredCandidate], setup: CookingSetup) -> PromotionDecision:
     """``run``: the kitchen's or the promotion's run, which records the decision."""
     config = run.config
-    if not candidates:
-        raise NothingToPromoteError(
-            f"no single-model candidates to promote (recipes: {config.kitchen.recipe_names()}); an ensemble is not one "
-            "model: add 'best', 'uniform', 'greedy' or a learned soup to kitchen.recipes"
-        )
     metric = config.kitchen.promotion_metric
-    leading = max(candidates, key=lambda c: selection_key(metric, c.scores, c.ingredients)).name
+    candidates = eligible(candidates, metric)
+    if not candidates:
+        promotable = [r.name for r in RECIPES.values() if r.promotable]
+        raise NothingToPromoteError(
+            f"no single-model candidates to promote on {metric} (recipes: {config.kitchen.recipe_names()}); an "
+            f"ensemble is not one model and in-sample scores never promote: add one of {', '.join(promotable)} "
+            "to kitchen.recipes"
+        )
+    leading = max(candidates, key=lambda c: c.key(metric)).name
     with failing_as("promote", leading), promotion_lock(config):  # read, compare, move the alias: one step
         client = run.client
         name = config.experiment
         champion = _alias(client, name, CHAMPION)
-        reigning = str(champion.version) if champion else None
 
         def key(candidate: RegisteredCandidate) -> tuple:
-            # Held-out accuracy, lower held-out loss, fewer ingredients, then the reigning champion (so promoting
-            # the same candidates twice changes nothing). Test and the reported shift sets never break a tie.
-            return (*selection_key(metric, candidate.scores, candidate.ingredients), candidate.version == reigning)
+            # `soups.selection` order: the metric, lower held-out loss, fewer ingredients, then the older version
+            # (the reigning champion keeps a full tie, so promoting the same candidates twice changes nothing).
+            return candidate.key(metric)
 
         ranked = sorted(candidates, key=key, reverse=True)
         best = ranked[0]
@@ -90,10 +96,19 @@ def promote(run: RunContext, candidates: list[RegisteredCandidate], setup: Cooki
             champion_version=str(champion.version) if champion else None,
             champion_score=champion_score,
             outcome=outcome,
-            margin=margin_note(metric, best, rival),
+            margin=margin_note(metric, best, rival, setup.evaluator.paired),
         )
         _log(run, decision)
         return decision
+
+
+def eligible(candidates: list[RegisteredCandidate], metric: str) -> list[RegisteredCandidate]:
+    """The candidates whose ``metric`` was not measured on their own fitting images (a learned soup under the
+    whole-held-out protocol is scored on the images it fitted): in-sample scores never win a promotion."""
+    in_sample = [c.name for c in candidates if metric in c.in_sample]
+    if in_sample:
+        print(f"not promoted on {metric}, measured on their own fitting images: {', '.join(in_sample)}")
+    return [c for c in candidates if metric not in c.in_sample]
 
 
 @contextmanager
@@ -121,17 +136,20 @@ def promotion_lock(config: PipelineConfig) -> Iterator[None]:
         yield
 
 
-def margin_note(metric: str, winner: RegisteredCandidate, rival: RegisteredCandidate | None) -> str:
-    """Whether the winner's lead over the next model is more than the noise of this evaluation."""
+def margin_note(metric: str, winner: RegisteredCandidate, rival: RegisteredCandidate | None, compare: Paired) -> str:
+    """Whether the winner's lead over the next model is more than the noise of this evaluation: a paired
+    bootstrap of the difference on the same images (``compare``: the evaluator's, `Evaluator.paired`)."""
     if rival is None:
         return "no other candidate"
     lead = winner.scores[metric] - rival.scores[metric]
-    if metric not in winner.intervals:
-        return f"lead {lead:+.4f} over {rival.name} (v{rival.version}); no interval computed (kitchen.bootstrap 0)"
-    low, high = winner.intervals[metric]
-    inside = low <= rival.scores[metric] <= high
-    verdict = "inside the winner's 95 % interval: not resolved by this data" if inside else "outside the interval"
-    return f"lead {lead:+.4f} over {rival.name} (v{rival.version}) is {verdict} [{low:.4f}, {high:.4f}]"
+    paired = compare(winner.hits, rival.hits, metric) if winner.hits and rival.hits else None
+    if paired is None:
+        return f"lead {lead:+.4f} over {rival.name} (v{rival.version}); no paired interval (kitchen.bootstrap 0)"
+    verdict = "resolved by this data" if paired.resolved else "not resolved by this data (the interval includes 0)"
+    return (
+        f"lead {lead:+.4f} over {rival.name} (v{rival.version}), paired 95 % interval "
+        f"[{paired.low:+.4f}, {paired.high:+.4f}]: {verdict}"
+    )
 
 
 def registered_candidate(version, report: Report) -> RegisteredCandidate:
@@ -145,6 +163,8 @@ def registered_candidate(version, report: Report) -> RegisteredCandidate:
         scores=report.scores,
         intervals=report.intervals,
         ingredients=len(ingredients),
+        in_sample=[s for s in version.tags.get("in_sample", "").split(",") if s],
+        hits=report.hits,
     )
 
 

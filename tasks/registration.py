@@ -4,15 +4,17 @@ of the registered model ``<experiment>``, and every other leaderboard row as a r
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
+from soups.candidates import Candidate, promotable
 from soups.checkpoint import weights_digest
-from soups.cooking import Candidate, promotable
+from soups.selection import selection_key
 from soups.serving import ClassifierSpec
-from soups.splits import HELDOUT
+from soups.splits import HELDOUT, HELDOUT_LOSS
 from tasks.adapters.packaging import log_classifier_model, logged_model_of
 from tasks.adapters.tracking import PARENT_RUN_TAG, bounded, nested_runs, tracked_run
 from tasks.context import RunContext
@@ -21,12 +23,23 @@ from tasks.kitchen_runs import failing_as
 
 
 class RegisteredCandidate(BaseModel):
+    """A registry version as promotion weighs it: its scores, which of them are in-sample, and its per-image
+    hits on the evaluator's splits (for the paired margin; not part of what the flows return)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
     name: str
     recipe: str
     version: str
     scores: dict[str, float]
     intervals: dict[str, tuple[float, float]] = {}
     ingredients: int
+    in_sample: list[str] = []
+    hits: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+    def key(self, metric: str) -> tuple[float, float, int, float]:
+        """Its place in `soups.selection` order on ``metric`` (the version breaks a full tie: the older wins)."""
+        return selection_key(self.scores[metric], self.scores[HELDOUT_LOSS], self.ingredients, self.version)
 
 
 @task(name="register-soups", cache_policy=NO_CACHE)
@@ -71,6 +84,8 @@ def register_candidates(
                 scores=candidate.scores,
                 intervals=candidate.intervals,
                 ingredients=len(candidate.ingredients),
+                in_sample=candidate.in_sample,
+                hits=candidate.hits,
             )
         )
         print(f"{candidate.name} is version {version} of {config.experiment}")
@@ -79,14 +94,15 @@ def register_candidates(
 
 def _description(candidate: Candidate) -> str:
     """What a registry reader needs: how it was made and how it scores, with the noise of those scores."""
-    low, high = candidate.intervals.get("heldout", (None, None))
+    low, high = candidate.intervals.get(HELDOUT, (None, None))
     noise = f" (95 % interval {low:.4f}-{high:.4f})" if low is not None else ""
     made = f"{candidate.recipe} of {len(candidate.ingredients)} ingredient(s)"
     if candidate.tuned is not None:
         made += f", options {candidate.tuned} chosen on held-out"
-    scores = ", ".join(f"{k} {v:.4f}" for k, v in candidate.scores.items() if k not in ("heldout", "heldout_loss"))
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in candidate.scores.items() if k not in (HELDOUT, HELDOUT_LOSS))
+    which = "in-sample: its own fitting images; never promotes it" if HELDOUT in candidate.in_sample else "selects"
     return (
-        f"{candidate.name}: {made}. Held-out accuracy (scoring part, which selects) {candidate.scores['heldout']:.4f}"
+        f"{candidate.name}: {made}. Held-out accuracy ({which}) {candidate.scores[HELDOUT]:.4f}"
         f"{noise}; reported only: {scores}."
     )
 

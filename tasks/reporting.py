@@ -9,7 +9,8 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from soups.cooking import Candidate
+from soups.candidates import Candidate
+from soups.cooking import CookingSetup
 from tasks.adapters.tracking import run_url
 from tasks.context import RunContext
 from tasks.cooking import cooked_record
@@ -17,10 +18,11 @@ from tasks.cooking import cooked_record
 
 @task(name="log-kitchen-report", cache_policy=NO_CACHE)
 def log_kitchen_report(
-    run: RunContext, candidates: list[Candidate], split_sizes: dict[str, int], skipped: dict[str, str]
+    run: RunContext, setup: CookingSetup, candidates: list[Candidate], skipped: dict[str, str]
 ) -> list[dict]:
-    """Leaderboard (MLflow table + CSV + Prefect table), figures and the reproduction report, logged to the
-    kitchen run; ``skipped``: registered ingredient versions left out, with why."""
+    """Leaderboard (MLflow table + CSV + Prefect table), figures and the reproduction report (its comparisons
+    paired on the evaluator's images), logged to the kitchen run; ``skipped``: registered ingredient versions
+    left out, with why."""
     import matplotlib.pyplot as plt
 
     from soups.report import kitchen_figures, leaderboard
@@ -46,12 +48,16 @@ def log_kitchen_report(
     for name, figure in figures.items():
         client.log_figure(run_id, figure, name)
         plt.close(figure)
+    hits = {c.name: c.hits for c in candidates}
     report = reproduction_report(
         board,
         study=config.study_name,
-        split_sizes=split_sizes,
+        split_sizes={name: len(split) for name, split in setup.evaluator.splits.items()},
         figures=list(figures),
         resamples=config.kitchen.bootstrap,
+        compare=lambda first, second, score: setup.evaluator.paired(hits[first], hits[second], score),
+        whole_heldout=bool(setup.fit_scored),
+        paper=config.kitchen.paper,
         skipped=skipped,
     )
     report_path = workdir / "report.md"

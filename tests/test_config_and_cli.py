@@ -77,8 +77,10 @@ def test_recipe_options_are_checked_against_what_each_recipe_declares(tmp_path):
     assert (greedy.name, greedy.options["strict"]) == ("greedy", True)
     with pytest.raises(ConfigError, match="unknown recipe 'soupe'; known recipes: best, uniform"):
         load_config(None, {"kitchen.recipes": ["soupe"]})
-    with pytest.raises(ConfigError, match=r"option.*stps.*allowed options: steps, lr, batch_size"):
+    with pytest.raises(ConfigError, match=r"option.*stps.*allowed options: epochs, lr, batch_size"):
         load_config(None, {"kitchen.recipes": [{"name": "learned", "options": {"stps": 10}}]})
+    with pytest.raises(ConfigError, match=r"budget is in epochs.*replace steps: 500 with epochs"):
+        load_config(None, {"kitchen.recipes": [{"name": "learned", "options": {"steps": 500}}]})
     with pytest.raises(ConfigError, match="listed more than once"):
         load_config(None, {"kitchen.recipes": ["uniform", "uniform"]})
 

@@ -73,7 +73,7 @@ def test_learned_soup_favours_the_good_ingredient(digits, pool):
     ingredients, _ = pool
     inputs = RecipeInputs(module=_small_cnn(), fit_batches=_fit_set(digits))
     (uniform,) = cook("uniform", ingredients)
-    (learned,) = cook("learned", ingredients, inputs, steps=50, batch_size=128)
+    (learned,) = cook("learned", ingredients, inputs, epochs=20, batch_size=128)
     weights = torch.tensor(learned.details.coefficients)
     assert weights.shape == (3,) and torch.isclose(weights.sum(), torch.tensor(1.0))
     assert weights[0] > 0.6 and weights[0] > weights[1:].max()
@@ -87,7 +87,7 @@ def test_learned_soup_favours_the_good_ingredient(digits, pool):
 def test_learned_soup_by_layer_has_a_weight_per_ingredient_per_tensor(digits, pool):
     ingredients, _ = pool
     inputs = RecipeInputs(module=_small_cnn(), fit_batches=_fit_set(digits))
-    (dish,) = cook("learned_by_layer", ingredients, inputs, steps=50, batch_size=128, stack_dtype="bfloat16")
+    (dish,) = cook("learned_by_layer", ingredients, inputs, epochs=10, batch_size=128, stack_dtype="bfloat16")
     coefficients = {k: torch.tensor(v) for k, v in dish.details.coefficients.items()}
     assert set(coefficients) == set(_small_cnn().state_dict())
     assert all(weights.shape == (3,) for weights in coefficients.values())
@@ -111,8 +111,8 @@ def test_learned_mix_reads_each_checkpoint_once_and_leaves_the_module_alone(digi
     monkeypatch.setattr(learned_module, "safe_open", counting_open)
     module = _small_cnn()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    mix = learn_mixing(module, [i.path for i in ingredients], _fit_set(digits), LearnedOptions(steps=12, batch_size=64))
-    assert len(mix.losses) == 12, "the budget is counted in optimiser steps, across epochs"
+    mix = learn_mixing(module, [i.path for i in ingredients], _fit_set(digits), LearnedOptions(epochs=2, batch_size=64))
+    assert len(mix.losses) == 2 * 10, "2 epochs of 597 images in batches of 64: 10 steps each"
     assert sorted(opened) == sorted(str(i.path) for i in ingredients), "stacked once, not re-read per step"
     for key, value in module.state_dict().items():
         assert torch.equal(value, before[key]), "functional_call must not overwrite the base module's weights"
@@ -126,16 +126,18 @@ def pool_of_16(digits, tmp_path_factory):
 
 def test_learned_weights_leave_uniform_for_the_clearly_better_ingredient(digits, pool_of_16):
     inputs = RecipeInputs(module=_small_cnn(), fit_batches=_fit_set(digits))
-    (dish,) = cook("learned", pool_of_16, inputs, steps=100, batch_size=128)
+    (dish,) = cook("learned", pool_of_16, inputs, epochs=20, batch_size=128)
     weights = torch.tensor(dish.details.coefficients)
     assert weights[0] > 2 * (1 / 16), f"the good ingredient should end well above uniform: {weights}"
-    assert dish.details.steps == 100 and dish.details.final_loss == dish.details.losses[-1]
+    assert dish.details.epochs == 20 and dish.details.steps == 20 * 5 and dish.details.fit_images == 597
+    assert dish.details.final_loss == dish.details.losses[-1]
+    assert dish.details.as_json()["epochs"] == 20, "details.json records the budget as epochs"
 
 
 def test_learned_by_layer_coefficients_differ_between_tensors_and_the_fit_is_reproducible(digits, pool_of_16):
     def fit():
         inputs = RecipeInputs(module=_small_cnn(), fit_batches=_fit_set(digits))
-        (dish,) = cook("learned_by_layer", pool_of_16[:4], inputs, steps=40, batch_size=100, seed=3)
+        (dish,) = cook("learned_by_layer", pool_of_16[:4], inputs, epochs=7, batch_size=100, seed=3)
         return {k: torch.tensor(v) for k, v in dish.details.coefficients.items()}
 
     first, second = fit(), fit()
@@ -144,12 +146,24 @@ def test_learned_by_layer_coefficients_differ_between_tensors_and_the_fit_is_rep
     assert all(torch.equal(first[k], second[k]) for k in first), "same seed, same coefficients"
 
 
-def test_the_fit_batch_is_capped_at_the_fitting_set(digits, pool):
+def test_a_small_fitting_set_gets_one_step_per_epoch_and_stays_near_uniform(digits, pool_of_16):
+    """The official budget is 5 epochs of batch 256: on 90 images that is 5 steps, which must not collapse the
+    mix onto one ingredient (a 500-step budget did: 0.995 on one trial)."""
+    _, (x, y) = digits
+    small = FitSet(x[:90], y[:90])
+    mix = learn_mixing(_small_cnn(), [i.path for i in pool_of_16], small, LearnedOptions())
+    assert len(mix.losses) == 5, "5 epochs, one batch of 90 each"
+    assert float(mix.coefficients.max()) < 0.5, f"a few steps stay near uniform (1/16): {mix.coefficients}"
+    assert mix.beta != 1.0, "beta, a plain multiplier on the logits, is fitted too"
+
+
+def test_beta_multiplies_the_logits_plainly(digits, pool):
+    """beta starts at 1 and its gradient is the plain one: the first step moves it by AdamW's first step, lr."""
     ingredients, _ = pool
     _, (x, y) = digits
-    small = FitSet(x[:40], y[:40])
-    mix = learn_mixing(_small_cnn(), [i.path for i in ingredients], small, LearnedOptions(steps=3, batch_size=256))
-    assert mix.batch_size == 40 and len(mix.losses) == 3
+    one_step = LearnedOptions(epochs=1, batch_size=len(y), lr=0.05)
+    mix = learn_mixing(_small_cnn(), [i.path for i in ingredients], FitSet(x, y), one_step)
+    assert len(mix.losses) == 1 and abs(abs(mix.beta - 1.0) - 0.05) < 1e-4
 
 
 def test_logit_ensemble_averages_member_logits(digits, pool):

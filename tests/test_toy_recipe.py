@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from pydantic import Field
 
+from soups.candidates import load_cooked, promotable, save_cooked
 from soups.checkpoint import Ingredient
 from soups.config import RecipeChoice, load_config
-from soups.cooking import cook_and_score, load_cooked, prepare_cooking, promotable, save_cooked, score_ingredients
+from soups.cooking import cook_and_score, prepare_cooking, score_ingredients
 from soups.figures import canvas
 from soups.recipes import RECIPES, Dish, Recipe, RecipeDetails, RecipeInputs, RecipeOptions
 from soups.report import kitchen_figures, leaderboard
@@ -101,5 +102,7 @@ def test_a_toy_recipe_in_one_module_is_cooked_tuned_recorded_drawn_promoted_and_
     }
     assert candidate.details_json()["pair"] == ["i2", "i1"]
     assert list(paper_rows(board).model) == ["toy"], "its paper row, from its declaration"
-    report = reproduction_report(board, study="s", split_sizes={}, figures=list(figures), resamples=0)
+    report = reproduction_report(
+        board, study="s", split_sizes={}, figures=list(figures), resamples=0, compare=lambda *_: None
+    )
     assert "| toy |" in report and "toy_pair.png" in report

@@ -13,6 +13,7 @@ from torch import nn
 
 from soups.checkpoint import Ingredient, StateDict
 from soups.images import ImageSplit
+from soups.selection import best_first
 
 Evaluate = Callable[[StateDict], float]
 """Scores a state dict on the held-out scoring split (higher is better), e.g. top-1 accuracy."""
@@ -161,6 +162,9 @@ class Recipe:
     """Whether its dishes may become registry versions and champions (ensembles cost N forward passes)."""
     paper_row: int | None = None
     """Position of its row in the paper's Table 1 (ViT-B/32 on ImageNet); None: not a row there."""
+    published: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Per paper preset (`kitchen.paper`), the paper's (ImageNet top-1, mean over the 5 shifts) in % for its
+    plain entry, printed beside ours in report.md."""
     compared_with: tuple[str, ...] = ()
     """Labels of the rows the paper reports it beating; the reproduction report says whether the data resolves
     each comparison."""
@@ -183,8 +187,5 @@ class Recipe:
 
 
 def best_ingredient(ingredients: Sequence[Ingredient]) -> Ingredient:
-    """The ingredient with the highest held-out score; every ingredient must have one."""
-    unscored = [i.name for i in ingredients if i.score is None]
-    if unscored:
-        raise ValueError(f"ingredients without a held-out score: {', '.join(unscored)}; score them first")
-    return max(ingredients, key=lambda i: i.score)
+    """The first ingredient in `soups.selection` order (held-out accuracy, then loss, then version)."""
+    return best_first(ingredients)[0]

@@ -12,7 +12,7 @@ best ingredient alone, as the uniform one does.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -20,6 +20,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from soups.checkpoint import Ingredient, StateDict
 from soups.figures import canvas
 from soups.recipes.base import Dish, Evaluate, Recipe, RecipeDetails, RecipeInputs, RecipeOptions
+from soups.selection import best_first
 from soups.statedict import blend, cast_like, load_ingredient, to_float32
 
 
@@ -61,7 +62,7 @@ def greedy_soup(
             ingredient = _with_score(ingredient, evaluate(load_ingredient(ingredient)))
             evaluations += 1
         scored.append(ingredient)
-    ranked = sorted(scored, key=lambda i: i.score, reverse=True)
+    ranked = best_first(scored)  # accuracy, then held-out loss, then version: one order everywhere
 
     best = ranked[0]
     reference = load_ingredient(best)
@@ -85,7 +86,7 @@ def greedy_soup(
 
 
 def _with_score(ingredient: Ingredient, score: float) -> Ingredient:
-    return Ingredient(ingredient.path, float(score), ingredient.name, ingredient.origin)
+    return replace(ingredient, score=float(score))
 
 
 class GreedyOptions(RecipeOptions):
@@ -204,5 +205,6 @@ RECIPE = Recipe(
     ),
     figures=trajectory_figure,
     paper_row=3,
+    published={"vit-b32": (81.03, 50.75)},
     compared_with=("best_single", "uniform"),
 )

@@ -100,7 +100,9 @@ def _description(candidate: Candidate) -> str:
     if candidate.tuned is not None:
         made += f", options {candidate.tuned} chosen on held-out"
     scores = ", ".join(f"{k} {v:.4f}" for k, v in candidate.scores.items() if k not in (HELDOUT, HELDOUT_LOSS))
-    which = "in-sample: its own fitting images; never promotes it" if HELDOUT in candidate.in_sample else "selects"
+    which = (
+        "in-sample: its own fitting images; never promotes it" if HELDOUT in candidate.in_sample else "which selects"
+    )
     return (
         f"{candidate.name}: {made}. Held-out accuracy ({which}) {candidate.scores[HELDOUT]:.4f}"
         f"{noise}; reported only: {scores}."

@@ -284,7 +284,7 @@ def test_the_three_tools_link_to_each_other_and_the_registry_reads_well(first_ru
     for name in (EXPERIMENT, f"{EXPERIMENT}-ingredients"):
         assert client.get_registered_model(name).description, f"{name} has a description"
     versions = _versions(client, EXPERIMENT, config.study_name)
-    assert all(v.description and "Held-out accuracy (scoring part" in v.description for v in versions)
+    assert all(v.description and "Held-out accuracy (which selects)" in v.description for v in versions)
     assert all(value != "" for v in versions for value in v.tags.values()), "no empty tags"
     wise = [v for v in versions if v.tags["recipe"] == "wise_ft"]
     assert all("alpha" in v.tags for v in wise)

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from soups.pretrained import PretrainedStart, parse_pretrained
 from soups.splits import OOD_VAL_MEAN
 
+Precision = Literal["fp32", "bf16"]
+"""What evaluation computes in (`eval.precision`)."""
+
 
 class _Section(BaseModel):
     """Unknown fields are errors, so a typo in a config file never silently falls back to a default."""
@@ -132,6 +135,18 @@ class TrainConfig(_Section):
     mixup_alpha: float = Field(0.0, ge=0, description="Beta(alpha, alpha) mixup; 0 turns it off.")
     randaugment_m: int = Field(0, ge=0, le=30, description="RandAugment magnitude.")
     randaugment_n: int = Field(0, ge=0, le=4, description="RandAugment ops per image; 0 turns it off.")
+    init: Literal["zero_shot", "linear_probe"] = Field(
+        "zero_shot",
+        description="Where fine-tuning starts: 'zero_shot' (the zero-shot head) or 'linear_probe' (LP-FT, as the "
+        "paper's released models: the head is first fitted on frozen, unit-norm train features from the zero-shot "
+        "head, once per sweep, then the whole model is fine-tuned from it).",
+    )
+    probe_steps: int = Field(
+        100, ge=1, description="L-BFGS iterations of the linear probe on the train features (init linear_probe)."
+    )
+    probe_weight_decay: float = Field(
+        0.0, ge=0, description="L2 penalty (wd/2 * |W|^2) of the linear probe (init linear_probe)."
+    )
     seed: int = 0
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'.")
     bf16: bool = Field(True, description="bfloat16 autocast for training on CUDA (ignored on CPU).")
@@ -171,6 +186,11 @@ class EvalConfig(_Section):
         description="Memory for decoded evaluation splits (held-out first, then test, then shifts); the rest stream.",
     )
     workers: int = Field(2, ge=0, description="DataLoader worker processes for streamed evaluation splits.")
+    precision: Precision = Field(
+        "fp32",
+        description="fp32: the official evaluation (no autocast); bf16: bfloat16 autocast, faster on a GPU and a "
+        "little different (benchmarks/eval_precision.py measures both).",
+    )
 
 
 class FinetuneConfig(_Section):

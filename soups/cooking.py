@@ -107,6 +107,7 @@ def prepare_cooking(config: PipelineConfig, workdir: Path) -> CookingSetup:
         batch_size=config.train.eval_batch_size,
         bootstrap=config.kitchen.bootstrap,
         seed=config.data.seed,
+        precision=config.eval.precision,
     )
     inputs = RecipeInputs(
         evaluate=evaluator.accuracy,

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from soups.checkpoint import StateDict
+from soups.config import Precision
 from soups.data import DatasetBundle
 from soups.images import ImageSplit, ImageTensors, Preprocess, cached_or_streamed
 from soups.intervals import PairedDifference, bootstrap_interval, paired_difference
@@ -50,15 +51,17 @@ def _forward(
     batch_size: int,
     device: torch.device,
     classes: Sequence[int] | None = None,
+    precision: Precision = "fp32",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(float32 logits, labels) per batch on ``device``, the model in eval mode, bf16 autocast on CUDA. With
-    ``classes``, logits are restricted to those classes and labels renumbered to positions among them."""
+    """(float32 logits, labels) per batch on ``device``, the model in eval mode; ``precision`` bf16 runs it under
+    bfloat16 autocast (on any device), fp32 without (the official evaluation). With ``classes``, logits are
+    restricted to those classes and labels renumbered to positions among them."""
     model.eval()
     subset = torch.as_tensor(sorted(classes), device=device) if classes else None
     for images, labels in data.batches(batch_size):
         images = preprocess.normalize(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(images).float()
         if subset is not None:
             logits, labels = logits[:, subset], torch.searchsorted(subset, labels)
@@ -74,12 +77,13 @@ def evaluate(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     classes: Sequence[int] | None = None,
+    precision: Precision = "fp32",
 ) -> Metrics:
     """Top-1 accuracy, mean cross-entropy and per-image hits of ``model`` on a split (over ``classes`` only,
     when the split covers a subset of the model's classes)."""
     device = torch.device(device)
     hits, loss_sum = [], torch.zeros((), device=device)  # kept on the device: one sync at the end
-    for logits, labels in _forward(model, data, preprocess, batch_size, device, classes):
+    for logits, labels in _forward(model, data, preprocess, batch_size, device, classes, precision):
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         hits.append(logits.argmax(dim=-1) == labels)
     correct = torch.cat(hits).cpu()
@@ -88,10 +92,16 @@ def evaluate(
 
 @torch.inference_mode()
 def logits_of(
-    model: nn.Module, data: ImageSplit, preprocess: Preprocess, *, batch_size: int = 512, device="cpu"
+    model: nn.Module,
+    data: ImageSplit,
+    preprocess: Preprocess,
+    *,
+    batch_size: int = 512,
+    device="cpu",
+    precision: Precision = "fp32",
 ) -> torch.Tensor:
     """float32 logits [N, classes] of a decoded split, on the CPU (for combining models' predictions)."""
-    batches = _forward(model, data, preprocess, batch_size, torch.device(device))
+    batches = _forward(model, data, preprocess, batch_size, torch.device(device), precision=precision)
     return torch.cat([logits.cpu() for logits, _ in batches])
 
 
@@ -126,6 +136,7 @@ class Evaluator:
         batch_size: int = 512,
         bootstrap: int = 0,
         seed: int = 0,
+        precision: Precision = "fp32",
     ) -> None:
         self.device = torch.device(device)
         self.module = module.to(self.device).eval()
@@ -133,7 +144,7 @@ class Evaluator:
         self.preprocess = preprocess
         self.groups = {SHIFT_MEAN: shifts, OOD_VAL_MEAN: ood_val}
         self.batch_size = batch_size
-        self.bootstrap, self.seed = bootstrap, seed
+        self.bootstrap, self.seed, self.precision = bootstrap, seed, precision
         self.class_subsets = dict(class_subsets or {})
         if self.device.type == "cuda":
             self.splits = {n: s.pinned() if isinstance(s, ImageTensors) else s for n, s in self.splits.items()}
@@ -154,6 +165,7 @@ class Evaluator:
             batch_size=self.batch_size,
             device=self.device,
             classes=self.class_subsets.get(split),
+            precision=self.precision,
         )
 
     def accuracy(self, state_dict: StateDict, split: str = "heldout") -> float:
@@ -165,7 +177,9 @@ class Evaluator:
         """Logits of a state dict on one split (the greedy ensemble combines them)."""
         self.load(state_dict)
         data = self.splits[split]
-        return logits_of(self.module, data, self.preprocess, batch_size=self.batch_size, device=self.device)
+        return logits_of(
+            self.module, data, self.preprocess, batch_size=self.batch_size, device=self.device, precision=self.precision
+        )
 
     def labels(self, split: str = "heldout") -> torch.Tensor:
         return self.splits[split].labels

@@ -1,8 +1,9 @@
 """Fine-tuning one ingredient the way the paper did: end to end from the zero-shot classifier, AdamW, cosine
 schedule with warm-up, gradient clipping, label smoothing, mixup and timm's RandAugment.
 
-What every trial of one (model, dataset) shares -- the zero-shot start and the decoded train and held-out
-splits -- is built once by `prepare_finetune` and handed to each `finetune` call, which trains a copy. The
+What every trial of one (model, dataset) shares -- the zero-shot start, the decoded train and held-out
+splits and, for LP-FT (``train.init: linear_probe``), the linear probe's head -- is built once by
+`prepare_finetune` and handed to each `finetune` call, which trains a copy. The
 train split is decoded once into uint8 tensors; each epoch only augments and normalises them, which is what
 makes a CPU run of a tiny model take seconds instead of minutes. On CUDA: bfloat16 autocast, channels-last
 inputs and pinned host memory.
@@ -24,8 +25,9 @@ from torch.nn import functional as F
 from soups.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 from soups.data import DatasetBundle, load_dataset
 from soups.evaluate import evaluate
-from soups.images import ImageSplit, Preprocess, cached_or_streamed, decode
+from soups.images import ImageSplit, Preprocess, StreamedImages, cached_or_streamed, decode
 from soups.models import ClipClassifier, build_classifier, save_classifier
+from soups.probe import fit_head, head_accuracy, image_features
 from soups.runtime import determinism_record, resolve_device, use_cores, use_determinism
 from soups.train_input import TrainImages, augmentation_workers, epoch_batches
 
@@ -66,11 +68,31 @@ def zero_shot_start(model: ModelConfig, bundle: DatasetBundle, device: torch.dev
         return build_classifier(model.name, model.pretrained, bundle.classnames, bundle.templates, device)
 
 
+ProbeSettings = tuple[int, float]
+"""What a linear probe depends on besides the start and the train split: (probe_steps, probe_weight_decay)."""
+
+
+def probe_settings(train: TrainConfig) -> ProbeSettings:
+    return train.probe_steps, train.probe_weight_decay
+
+
+@dataclass(frozen=True)
+class LinearProbe:
+    """The head LP-FT starts from: fitted on frozen features of the train split, from the zero-shot head."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    settings: ProbeSettings
+    metrics: dict[str, float]
+    """zeroshot_/probe_train_accuracy (on the train features), zeroshot_heldout_accuracy, probe_seconds."""
+
+
 @dataclass(frozen=True)
 class FinetuneInputs:
     """What every fine-tune of one (model, dataset) shares, built once by `prepare_finetune`: the zero-shot
-    start (never trained itself; each run trains a copy), the train split, the decoded held-out split and the
-    class names (what a packaged fine-tune answers with)."""
+    start (never trained itself; each run trains a copy), the train split, the decoded held-out split, the
+    class names (what a packaged fine-tune answers with) and, when the config's ``train.init`` is
+    linear_probe, the probe's head (`LinearProbe`) every LP-FT run starts from."""
 
     model: ModelConfig
     data: DataConfig
@@ -79,11 +101,14 @@ class FinetuneInputs:
     train: TrainImages
     heldout: ImageSplit
     classnames: list[str]
+    probe: LinearProbe | None = None
 
 
 def prepare_finetune(config: FinetuneConfig, device: torch.device | str = "cpu") -> FinetuneInputs:
     """Load the dataset and build the zero-shot start once for many runs; decode held-out, and train when it fits
-    ``train.cache_bytes`` (otherwise each run streams it with ``train.workers`` processes)."""
+    ``train.cache_bytes`` (otherwise each run streams it with ``train.workers`` processes). With ``train.init:
+    linear_probe`` also fit the linear probe once (`fit_linear_probe`): it depends only on the start, the train
+    split and the probe settings, none of which a trial's sampled learning settings change."""
     use_determinism(config.train.deterministic)  # before the first CUDA work: cuBLAS reads its workspace once
     bundle = load_dataset(config.data)
     start = zero_shot_start(config.model, bundle, device)
@@ -92,7 +117,57 @@ def prepare_finetune(config: FinetuneConfig, device: torch.device | str = "cpu")
     splits = cached_or_streamed([("heldout", bundle.heldout)], preprocess, settings.cache_bytes, settings.workers)
     fits = len(bundle.train) * preprocess.image_bytes() <= settings.cache_bytes
     train = TrainImages(bundle.train, decode(bundle.train, preprocess) if fits else None)
-    return FinetuneInputs(config.model, config.data, start, preprocess, train, splits["heldout"], bundle.classnames)
+    heldout = splits["heldout"]
+    probe = None
+    if settings.init == "linear_probe":
+        probe = fit_linear_probe(start, train, heldout, preprocess, settings, torch.device(device))
+    return FinetuneInputs(config.model, config.data, start, preprocess, train, heldout, bundle.classnames, probe)
+
+
+def fit_linear_probe(
+    start: ClipClassifier,
+    train_set: TrainImages,
+    heldout: ImageSplit,
+    preprocess: Preprocess,
+    train: TrainConfig,
+    device: torch.device,
+) -> LinearProbe:
+    """LP of LP-FT: unit-norm features of the train split from the frozen start (one pass, eval preprocessing, no
+    augmentation), then full-batch L-BFGS on the head from the zero-shot head (`soups.probe`, shared with the
+    linear-probe recipe). Deterministic: nothing draws random numbers."""
+    started = time.perf_counter()
+    model = start.to(device)
+    images = (
+        train_set.decoded
+        if train_set.decoded is not None
+        else StreamedImages(train_set.dataset, preprocess, train.workers, train.prefetch)
+    )
+    features, labels = image_features(model, images, preprocess.normalize, train.eval_batch_size, device)
+    zero_weight, zero_bias = model.head.weight.detach().float(), model.head.bias.detach().float()
+    weight, bias = fit_head(features, labels, zero_weight, zero_bias, train.probe_weight_decay, train.probe_steps)
+    metrics = {
+        "zeroshot_train_accuracy": head_accuracy(features, labels, zero_weight, zero_bias),
+        "probe_train_accuracy": head_accuracy(features, labels, weight, bias),
+    }
+    del features, labels
+    zero_shot = evaluate(model, heldout, preprocess, batch_size=train.eval_batch_size, device=device)
+    metrics["zeroshot_heldout_accuracy"] = zero_shot.accuracy
+    metrics["probe_seconds"] = time.perf_counter() - started
+    dtype = model.head.weight.dtype
+    return LinearProbe(weight.cpu().to(dtype), bias.cpu().to(dtype), probe_settings(train), metrics)
+
+
+def _start_head(config: FinetuneConfig, inputs: FinetuneInputs, device: torch.device) -> LinearProbe | None:
+    """The probe a run with ``init: linear_probe`` starts from: the shared one, or -- when this run's probe
+    settings differ from those it was prepared with (sampled ``init`` or probe fields) -- its own."""
+    train = config.train
+    if train.init != "linear_probe":
+        return None
+    if inputs.probe is not None and inputs.probe.settings == probe_settings(train):
+        return inputs.probe
+    print(f"fitting this run's own linear probe (steps {train.probe_steps}, weight decay {train.probe_weight_decay:g})")
+    start = copy.deepcopy(inputs.start)
+    return fit_linear_probe(start, inputs.train, inputs.heldout, inputs.preprocess, train, device)
 
 
 def finetune(
@@ -106,9 +181,14 @@ def finetune(
     use_determinism(train.deterministic)
     device = resolve_device(train.device)
     torch.manual_seed(train.seed)  # for modules that draw (dropout); CLIP's towers and the inputs never do
+    probe = _start_head(config, inputs, device)
     classifier = copy.deepcopy(inputs.start).to(device)
+    if probe is not None:
+        with torch.no_grad():
+            classifier.head.weight.copy_(probe.weight)
+            classifier.head.bias.copy_(probe.bias)
     preprocess, train_set, heldout = inputs.preprocess, inputs.train, inputs.heldout
-    zero_shot = evaluate(classifier, heldout, preprocess, batch_size=train.eval_batch_size, device=device)
+    begin = evaluate(classifier, heldout, preprocess, batch_size=train.eval_batch_size, device=device)
 
     started = time.perf_counter()
     history = _train(classifier, train_set, heldout, preprocess, train, device, on_epoch)
@@ -119,9 +199,11 @@ def finetune(
         "heldout_accuracy": final.heldout_accuracy,
         "heldout_loss": final.heldout_loss,
         "train_loss": final.train_loss,
-        "zeroshot_heldout_accuracy": zero_shot.accuracy,
+        "start_heldout_accuracy": begin.accuracy,
+        "zeroshot_heldout_accuracy": begin.accuracy if probe is None else probe.metrics["zeroshot_heldout_accuracy"],
         "train_seconds": seconds,
         "train_images_per_second": len(train_set) * train.epochs / seconds,
+        **({} if probe is None else probe.metrics),
     }
     runtime = determinism_record(device, augmentation_workers(train))
     return FinetuneResult(Path(out), metrics, history, runtime)

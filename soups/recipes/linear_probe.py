@@ -13,9 +13,9 @@ import copy
 
 import torch
 from pydantic import Field
-from torch.nn import functional as F
 
 from soups.checkpoint import Ingredient, StateDict
+from soups.probe import fit_head, image_features
 from soups.recipes.base import Dish, Recipe, RecipeDetails, RecipeInputs, RecipeOptions
 from soups.statedict import load_ingredient
 
@@ -36,29 +36,8 @@ def train_features(inputs: RecipeInputs, batch_size: int) -> tuple[torch.Tensor,
     start = load_ingredient(Ingredient(inputs.base, name="zero-shot"))
     model = copy.deepcopy(inputs.module).to(inputs.device).eval()
     model.load_state_dict(start)
-    features, labels = [], []
-    for images, batch_labels in inputs.train_images.batches(batch_size):
-        features.append(model.features(inputs.normalize(images.to(inputs.device))).float())
-        labels.append(batch_labels.to(inputs.device))
-    return torch.cat(features), torch.cat(labels), start
-
-
-def fit_head(
-    features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, decay: float, options
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-batch L-BFGS on the L2-regularised cross-entropy from the given head; returns the new (weight, bias)."""
-    weight = weight.detach().clone().float().requires_grad_(True)
-    bias = bias.detach().clone().float().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=options.steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(F.linear(features, weight, bias), labels) + 0.5 * decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return weight.detach(), bias.detach()
+    features, labels = image_features(model, inputs.train_images, inputs.normalize, batch_size, inputs.device)
+    return features, labels, start
 
 
 class LinearProbeDetails(RecipeDetails):
@@ -74,7 +53,7 @@ def linear_probe(ingredients: list[Ingredient], inputs: RecipeInputs, options: L
     zero_weight, zero_bias = start["head.weight"].to(inputs.device), start["head.bias"].to(inputs.device)
     best, best_score, curve = None, float("-inf"), []
     for decay in options.weight_decays:
-        weight, bias = fit_head(features, labels, zero_weight, zero_bias, decay, options)
+        weight, bias = fit_head(features, labels, zero_weight, zero_bias, decay, options.steps)
         state = {**start, "head.weight": weight.cpu().to(start["head.weight"].dtype), "head.bias": bias.cpu()}
         score = float(inputs.evaluate(state))
         curve.append({"weight_decay": decay, "heldout": score})

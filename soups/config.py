@@ -53,6 +53,25 @@ class DataConfig(_Section):
             "test/ present is the test split (both present is an error: ImageNet's val is the paper's test set).",
         )
         fraction: float = Field(0.02, gt=0, lt=1, description="Share of each train class held out with 'train'.")
+        mask: Path | None = Field(
+            None,
+            description="A .npy 0/1 or boolean array over the train images in torchvision ImageFolder order (class "
+            "folders sorted, files sorted within each; csv: the manifest's train rows in order): the 1s are held "
+            "out, the 0s fine-tune. The paper's official split is imagenet_98_idxs.npy (26 per class). Implies "
+            "from: train; fraction is then unused.",
+        )
+
+        @model_validator(mode="before")
+        @classmethod
+        def _mask_means_train(cls, value: Any) -> Any:
+            if isinstance(value, dict) and value.get("mask") is not None:
+                source = value.get("from", value.get("source", "train"))
+                if source != "train":
+                    raise ValueError(
+                        f"a held-out mask selects train images, but from is {source!r}; drop from or set it to train"
+                    )
+                return {**value, "from": "train"}
+            return value
 
     name: Literal["digits", "imagefolder", "csv"] = "digits"
     root: Path | None = Field(None, description="imagefolder: folder with train/ val/ test/ (+ shift folders).")

@@ -266,6 +266,10 @@ def _arrange(
     """(train, held-out, test): val as held-out, or a stratified, seeded share of every train class."""
     if config.heldout.source == "val":
         return sets["train"], sets["val"], sets["test"]
+    if config.heldout.mask is not None:
+        held_rows = heldout_mask(config.heldout.mask, len(sets["train"]), where)
+        keep, held = np.flatnonzero(~held_rows), np.flatnonzero(held_rows)
+        return sets["train"].subset(keep), sets["train"].subset(held), sets[test]
     fraction = config.heldout.fraction
     keep, held = stratified_split(np.asarray(sets["train"].labels), [1 - fraction, fraction], config.seed)
     if len(held) == 0:
@@ -306,6 +310,28 @@ def load_imagefolder_bundle(config: DataConfig) -> DatasetBundle:
     sets = {name: dataset for name, (dataset, _) in built.items()}
     covered = {name: classes for name, (_, classes) in built.items()}
     return _file_bundle("imagefolder", config, sets, covered, test, keys, (str(root / "train"), f"folders of {root}"))
+
+
+def heldout_mask(path: Path, train_files: int, where: str) -> np.ndarray:
+    """The official-style held-out mask as a boolean row mask over the train split, checked: 1-D, 0/1 or
+    boolean, one entry per train file (read without unpickling anything)."""
+    try:
+        mask = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"data.heldout.mask {path} cannot be read as .npy ({err}); give a 0/1 .npy file") from err
+    if mask.ndim != 1 or not (mask.dtype == bool or np.isin(mask, (0, 1)).all()):
+        raise DatasetError(f"data.heldout.mask {path} must be a 1-D array of 0/1 or booleans, got shape {mask.shape}")
+    if len(mask) != train_files:
+        raise DatasetError(
+            f"data.heldout.mask {path} has {len(mask)} entries but {where} has {train_files} train images; the mask "
+            "must cover the train images in ImageFolder order, one entry each (the same train folder it was made for)"
+        )
+    held = mask.astype(bool)
+    if not held.any() or held.all():
+        raise DatasetError(
+            f"data.heldout.mask {path} holds out {int(held.sum())} of {train_files} images; mark some, not all, with 1"
+        )
+    return held
 
 
 def _file_bundle(

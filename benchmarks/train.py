@@ -52,7 +52,7 @@ def best_of(repeats: int, run) -> float:
 
 @torch.inference_mode()
 def naive_evaluate(model, dataset, preprocess: Preprocess, batch_size: int, device: torch.device) -> float:
-    """Decode-per-evaluation baseline: PIL image -> eval transform -> normalise -> batch -> forward."""
+    """Decode-per-evaluation baseline: PIL image -> eval transform -> normalise -> batch -> fp32 forward."""
     transform = preprocess.decode_transform()
     model.eval()
     correct = 0
@@ -60,9 +60,7 @@ def naive_evaluate(model, dataset, preprocess: Preprocess, batch_size: int, devi
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         images = torch.stack([transform(image.convert("RGB")) for image, _ in items])
         labels = torch.tensor([int(label) for _, label in items], device=device)
-        images = preprocess.normalize(images.to(device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(images)
+        logits = model(preprocess.normalize(images.to(device)))  # fp32, as `evaluate` by default (eval.precision)
         correct += int((logits.argmax(dim=-1) == labels).sum())
     return correct / len(dataset)
 

@@ -100,12 +100,21 @@ class DataConfig(_Section):
     label_maps: dict[str, str] = Field(
         default_factory=dict,
         description="Per shift folder (csv: split value) whose classes are not named like train's: 'index' (class "
-        "folders named 0..N-1, as ImageNetV2) or a file of 'its name<TAB>train folder name' lines.",
+        "folders named 0..N-1, as ImageNetV2), a file of 'its name<TAB>train folder name' lines, or a .json file "
+        "(many-to-one, the official objectnet_to_imagenet_1k.json format) mapping each of its class folders to train "
+        "classes joined by '; ', named by train folder (WordNet id) or by data.classnames name: the set then has "
+        "its own classes (ObjectNet: 113), each scored by the max of its train classes' logits.",
     )
     class_subsets: dict[str, list[str]] = Field(
         default_factory=dict,
         description="Per shift / ood_val set: the train class folder names (csv: labels) it is scored on, "
-        "overriding the classes inferred from its class folders (csv: its labels).",
+        "overriding the classes inferred from its class folders (csv: its labels); logits are restricted to them "
+        "(not for a set with a .json label map, which pools its own).",
+    )
+    border_crop: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per set (folder; csv: split value): pixels cropped off every side of each of its images as it "
+        "is read, before any preprocessing (the official ObjectNet evaluation crops 2).",
     )
     cache_dir: Path | None = Field(
         None,
@@ -128,13 +137,31 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _layout_options_fit(self) -> DataConfig:
-        if self.name == "digits" and (self.heldout.source == "train" or self.label_maps or self.class_subsets):
+        if self.name == "digits" and (
+            self.heldout.source == "train" or self.label_maps or self.class_subsets or self.border_crop
+        ):
             raise ValueError(
-                "data.heldout.from train, data.label_maps and data.class_subsets are for imagefolder/csv data; "
-                "digits has fixed splits and full-class shift sets: remove them"
+                "data.heldout.from train (or a mask), data.label_maps, data.class_subsets and data.border_crop are "
+                "for imagefolder/csv data; digits has fixed splits and full-class shift sets: remove them"
             )
         if "train" in self.label_maps:
             raise ValueError("data.label_maps names 'train', whose folders define the classes; map shift sets only")
+        pooled = sorted(name for name, label_map in self.label_maps.items() if label_map.lower().endswith(".json"))
+        core = [name for name in pooled if name in ("val", "test")]
+        if core:
+            raise ValueError(
+                f"data.label_maps gives {core[0]!r} a .json (many-to-one) map, which only shift and ood_val sets may "
+                "have: held-out and test are scored on the model's classes"
+            )
+        small = [f"{name}: {pixels}" for name, pixels in self.border_crop.items() if pixels < 1]
+        if small:
+            raise ValueError(f"data.border_crop {small[0]} crops nothing; give a pixel count >= 1 or drop the entry")
+        both = [name for name in pooled if name in self.class_subsets]
+        if both:
+            raise ValueError(
+                f"data.class_subsets names {both[0]!r}, whose .json label map already says which train classes "
+                "score each of its classes; drop its class_subsets entry"
+            )
         empty = [name for name, classes in self.class_subsets.items() if not classes]
         if empty:
             raise ValueError(f"data.class_subsets[{empty[0]!r}] is empty; list the class folders the set covers")
@@ -163,8 +190,12 @@ class TrainConfig(_Section):
     probe_steps: int = Field(
         100, ge=1, description="L-BFGS iterations of the linear probe on the train features (init linear_probe)."
     )
-    probe_weight_decay: float = Field(
-        0.0, ge=0, description="L2 penalty (wd/2 * |W|^2) of the linear probe (init linear_probe)."
+    probe_weight_decays: list[float] = Field(
+        default_factory=lambda: [0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2],
+        min_length=1,
+        description="L2 penalties (wd/2 * |W|^2) the linear probe is fitted with (init linear_probe); with more "
+        "than one, the one with the lowest held-out cross-entropy is the start (a start should be calibrated, "
+        "not only accurate: unpenalised heads on separable features grow without bound).",
     )
     seed: int = 0
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'.")
@@ -188,6 +219,13 @@ class TrainConfig(_Section):
     )
     workers: int = Field(4, ge=0, description="DataLoader worker processes when the train split is streamed.")
     prefetch: int = Field(2, ge=1, description="Batches each worker prepares ahead.")
+
+    @field_validator("probe_weight_decays")
+    @classmethod
+    def _decays_not_negative(cls, decays: list[float]) -> list[float]:
+        if any(not decay >= 0 for decay in decays):
+            raise ValueError(f"probe_weight_decays must all be >= 0, got {decays}")
+        return decays
 
     @model_validator(mode="after")
     def _crop_scale_range(self) -> TrainConfig:

@@ -102,7 +102,7 @@ def prepare_cooking(config: PipelineConfig, workdir: Path) -> CookingSetup:
         preprocess,
         shifts=shifts,
         ood_val=tuple(ood_val_split(name) for name in bundle.ood_val),
-        class_subsets=_class_subsets(bundle),
+        class_groups=_class_subsets(bundle),
         device=device,
         batch_size=config.train.eval_batch_size,
         bootstrap=config.kitchen.bootstrap,
@@ -148,9 +148,10 @@ def _train_images(config: PipelineConfig, bundle: DatasetBundle, preprocess: Pre
     return split["train"]
 
 
-def _class_subsets(bundle: DatasetBundle) -> dict[str, list[int]]:
-    """Evaluator split name -> the classes a shift or ood-validation set covers, when it covers only some."""
-    return {(ood_val_split(n) if n in bundle.ood_val else n): classes for n, classes in bundle.class_subsets.items()}
+def _class_subsets(bundle: DatasetBundle) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Evaluator split name -> how a shift or ood-validation set not scored on the model's classes one for one is
+    scored: per class of its own, the model classes pooled (`DatasetBundle.class_groups`)."""
+    return {(ood_val_split(n) if n in bundle.ood_val else n): groups for n, groups in bundle.class_groups.items()}
 
 
 def _same_images(dataset: Any, heldout: Any) -> bool:

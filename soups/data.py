@@ -33,8 +33,12 @@ so the split is made here, once, seeded by ``DataConfig.seed``; nothing downstre
 
 Class names and prompt templates default to the folder names (csv labels) and generic photo prompts;
 ``data.classnames``/``data.templates`` swap in open_clip's ImageNet names and templates or files.
-``class_subsets`` lists, per shift or ood_val set covering fewer classes than the model has (ImageNet-A/-R:
-200, ObjectNet: 113), the class indices it is scored on: the evaluator restricts logits to them.
+``class_groups`` says, per shift or ood_val set not scored on the model's classes one for one, how it is scored:
+a set covering fewer classes than the model has (ImageNet-A/-R: 200) has one singleton group per class it covers
+(the evaluator restricts logits to them); a set with a many-to-one label map (``data.label_maps`` JSON, ObjectNet:
+113 classes) has, per class of its own, the train classes whose logits are max-pooled into its score. Either way
+such a set's labels are its own classes (positions among its groups), as in the official code.
+``data.border_crop`` crops pixels off every side of a set's images as they are read (ObjectNet: 2).
 
 Loading never opens an image, so a million files load in the time of a (cached) directory listing; a bad
 file surfaces when it is read, as `FileDataset` describes (``data.bad_files``).
@@ -54,13 +58,16 @@ from torch.utils.data import Dataset
 
 from soups.config import DataConfig
 from soups.imagefiles import (
+    ClassGroups,
     DatasetError,
     FileDataset,
     class_lookup,
     class_subsets,
     folder_set,
+    is_pooled_map,
     list_split,
     read_manifest,
+    read_pooled_map,
     resolve_classnames,
     resolve_templates,
 )
@@ -99,9 +106,10 @@ class DatasetBundle:
     pretrain: Dataset | None
     ood_val: dict[str, Dataset] = field(default_factory=dict)
     """Shift sets that may select models (``data.ood_val``): never built from test images."""
-    class_subsets: dict[str, list[int]] = field(default_factory=dict)
-    """Per shift or ood_val set whose label space is a strict subset of the model's classes: the sorted class
-    indices it covers (score it with logits restricted to these). Sets covering every class are absent."""
+    class_groups: dict[str, ClassGroups] = field(default_factory=dict)
+    """Per shift or ood_val set not scored on the model's classes one for one: per class of the set (its labels
+    are positions in this), the model classes whose max logit scores it (singletons for a set covering some of
+    the classes, ImageNet-A/-R; several for a many-to-one label map, ObjectNet). Other sets are absent."""
 
 
 class ArrayDataset(Dataset):
@@ -303,13 +311,16 @@ def load_imagefolder_bundle(config: DataConfig) -> DatasetBundle:
     keys = list(listings["train"].classes)
     if not keys:
         raise DatasetError(f"split folder {root / 'train'} has no class sub-folders; add one per class")
+    classnames = resolve_classnames(config.classnames, keys, str(root / "train"))
+    lookups = {name: class_lookup(keys, config.label_maps.get(name), classnames) for name in listings}
     built = {
-        name: folder_set(listing, class_lookup(keys, config.label_maps.get(name)), config.bad_files, name == "train")
+        name: folder_set(listing, lookups[name], config.bad_files, name == "train")
         for name, listing in listings.items()
     }
     sets = {name: dataset for name, (dataset, _) in built.items()}
     covered = {name: classes for name, (_, classes) in built.items()}
-    return _file_bundle("imagefolder", config, sets, covered, test, keys, (str(root / "train"), f"folders of {root}"))
+    where = (str(root / "train"), f"folders of {root}")
+    return _file_bundle("imagefolder", config, sets, covered, test, keys, classnames, where)
 
 
 def heldout_mask(path: Path, train_files: int, where: str) -> np.ndarray:
@@ -337,23 +348,43 @@ def heldout_mask(path: Path, train_files: int, where: str) -> np.ndarray:
 def _file_bundle(
     name: str,
     config: DataConfig,
-    sets: dict[str, Dataset],
+    sets: dict[str, FileDataset],
     covered: dict[str, set[int]],
     test: str,
     keys: list[str],
+    classnames: list[str],
     where: tuple[str, str],
 ) -> DatasetBundle:
-    """The bundle of a dataset of image files (folders or a manifest's rows): its core splits arranged, the
-    other sets split into shifts and ood-val sets, the classes each covers. ``where``: (the source, how
-    messages name its sets)."""
+    """The bundle of a dataset of image files (folders or a manifest's rows): its sets border-cropped as asked,
+    its core splits arranged, the other sets split into shifts and ood-val sets, with how each is scored
+    (`class_groups`; such a set relabelled to its own classes). ``where``: (the source, how messages name its
+    sets)."""
     source, sets_of = where
+    cropped = sorted(set(config.border_crop) - set(sets))
+    if cropped:
+        raise DatasetError(f"data.border_crop names {cropped}, which are not among the {sets_of}: {', '.join(sets)}")
+    sets = {
+        split: ds.cropped(config.border_crop[split]) if split in config.border_crop else ds
+        for split, ds in sets.items()
+    }
     train, heldout, test_set = _arrange(sets, test, config, source)
     extra = {split: dataset for split, dataset in sets.items() if split not in CORE_SPLITS}
+    pooled = {
+        split: tuple(read_pooled_map(config.label_maps[split], keys, classnames).values())
+        for split in extra
+        if is_pooled_map(config.label_maps.get(split))
+    }
+    subsets = class_subsets(
+        {split: covered[split] for split in extra if split not in pooled}, keys, config.class_subsets, sets_of
+    )
+    for split, classes in subsets.items():  # scored among these classes only: labelled by position among them
+        position = {label: k for k, label in enumerate(classes)}
+        extra[split] = extra[split].relabelled([position[label] for label in extra[split].labels])
+    groups = {**{split: tuple((label,) for label in classes) for split, classes in subsets.items()}, **pooled}
     shifts, ood_val = _set_aside_ood_val(extra, config, sets_of)
-    subsets = class_subsets({split: covered[split] for split in extra}, keys, config.class_subsets, sets_of)
     return DatasetBundle(
         name=name,
-        classnames=resolve_classnames(config.classnames, keys, source),
+        classnames=classnames,
         templates=resolve_templates(config.templates, GENERIC_TEMPLATES),
         train=train,
         heldout=heldout,
@@ -361,7 +392,7 @@ def _file_bundle(
         shifts=shifts,
         pretrain=None,
         ood_val=ood_val,
-        class_subsets=subsets,
+        class_groups=groups,
     )
 
 
@@ -382,6 +413,11 @@ def load_csv_bundle(config: DataConfig) -> DatasetBundle:
         raise DatasetError("data.manifest is not set; point it at a CSV with columns path,label[,split]")
     manifest = Path(config.manifest)
     rows, has_split = read_manifest(manifest)
+    if not has_split and config.heldout.mask is not None:
+        raise DatasetError(
+            f"data.heldout.mask indexes the train rows of {manifest} in order, but it has no split column, so which "
+            "rows train would be drawn at random; add a split column (train rows, and val or test)"
+        )
     if not has_split:
         fractions = CSV_FRACTIONS if config.heldout.source == "val" else CSV_FRACTIONS_NO_VAL
         parts = stratified_split(np.array([row["label"] for row in rows]), list(fractions.values()), config.seed)
@@ -396,7 +432,8 @@ def load_csv_bundle(config: DataConfig) -> DatasetBundle:
     keys = sorted({row["label"] for row in rows if row["split"] == "train"})
     if not keys:
         raise DatasetError(f"manifest {manifest} has no 'train' rows; add some (they define the classes)")
-    lookups = {split: class_lookup(keys, config.label_maps.get(split)) for split in present}
+    classnames = resolve_classnames(config.classnames, keys, str(manifest))
+    lookups = {split: class_lookup(keys, config.label_maps.get(split), classnames) for split in present}
     grouped: dict[str, tuple[list[Path], list[int]]] = {split: ([], []) for split in required}
     for line, row in enumerate(rows, start=2):
         path = Path(row["path"])
@@ -413,7 +450,7 @@ def load_csv_bundle(config: DataConfig) -> DatasetBundle:
             )
     sets = {split: FileDataset(paths, labels, config.bad_files) for split, (paths, labels) in grouped.items()}
     covered = {split: set(dataset.labels) for split, dataset in sets.items()}
-    return _file_bundle("csv", config, sets, covered, test, keys, (str(manifest), where))
+    return _file_bundle("csv", config, sets, covered, test, keys, classnames, (str(manifest), where))
 
 
 DATASETS: dict[str, Callable[[DataConfig], DatasetBundle]] = {

@@ -3,9 +3,10 @@
 A greedy soup scores dozens of candidates on one held-out set, and the kitchen scores every candidate on
 held-out, test and every shift set. Splits are therefore decoded once into uint8 tensors while they fit the
 cache budget (held-out first: it is the one scored dozens of times) and streamed by workers beyond it;
-candidates are loaded into one existing module with ``load_state_dict`` rather than rebuilt. Shift sets
-that cover only some classes (ImageNet-A/-R, ObjectNet) are scored on those classes' logits only, as the
-official code does.
+candidates are loaded into one existing module with ``load_state_dict`` rather than rebuilt. A shift set
+not scored on the model's classes one for one is scored as the official code does, on its own classes: each
+class's logit is the max of the model's logits over its group of classes (`pool_logits`): singleton groups
+restrict the logits to the classes a set covers (ImageNet-A/-R), larger ones pool ObjectNet's 113 classes.
 """
 
 from __future__ import annotations
@@ -44,28 +45,45 @@ class Metrics:
     """bool [count] on the CPU: which images the model got right (for intervals and paired comparisons)."""
 
 
+Groups = Sequence[Sequence[int]]
+"""Per class a split is scored on, the model classes it pools (`soups.imagefiles.ClassGroups`)."""
+
+
+def group_index(groups: Groups, device: torch.device | str = "cpu") -> torch.Tensor:
+    """int64 [G, L] model-class indices, one row per group, shorter groups padded with their own first class
+    (repeating a member leaves a max unchanged)."""
+    if not groups or any(len(group) == 0 for group in groups):
+        raise ValueError("every class a split is scored on needs at least one model class")
+    width = max(len(group) for group in groups)
+    rows = [list(group) + [group[0]] * (width - len(group)) for group in groups]
+    return torch.as_tensor(rows, dtype=torch.int64, device=device)
+
+
+def pool_logits(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[B, classes] -> [B, G]: each group's score is the max of its classes' logits (`group_index`)."""
+    return logits[:, index].amax(dim=-1)
+
+
 def _forward(
     model: nn.Module,
     data: ImageSplit,
     preprocess: Preprocess,
     batch_size: int,
     device: torch.device,
-    classes: Sequence[int] | None = None,
+    groups: Groups | None = None,
     precision: Precision = "fp32",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(float32 logits, labels) per batch on ``device``, the model in eval mode; ``precision`` bf16 runs it under
-    bfloat16 autocast (on any device), fp32 without (the official evaluation). With ``classes``, logits are
-    restricted to those classes and labels renumbered to positions among them."""
+    bfloat16 autocast (on any device), fp32 without (the official evaluation). With ``groups`` the logits are
+    the split's own classes' (`pool_logits`), which its labels index."""
     model.eval()
-    subset = torch.as_tensor(sorted(classes), device=device) if classes else None
+    index = group_index(groups, device) if groups is not None else None
     for images, labels in data.batches(batch_size):
         images = preprocess.normalize(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(images).float()
-        if subset is not None:
-            logits, labels = logits[:, subset], torch.searchsorted(subset, labels)
-        yield logits, labels
+        yield (pool_logits(logits, index) if index is not None else logits), labels
 
 
 @torch.inference_mode()
@@ -76,14 +94,14 @@ def evaluate(
     *,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
-    classes: Sequence[int] | None = None,
+    groups: Groups | None = None,
     precision: Precision = "fp32",
 ) -> Metrics:
-    """Top-1 accuracy, mean cross-entropy and per-image hits of ``model`` on a split (over ``classes`` only,
-    when the split covers a subset of the model's classes)."""
+    """Top-1 accuracy, mean cross-entropy and per-image hits of ``model`` on a split, in ``precision``; with
+    ``groups`` (a split scored on classes of its own, labelled by them) both on the pooled logits."""
     device = torch.device(device)
     hits, loss_sum = [], torch.zeros((), device=device)  # kept on the device: one sync at the end
-    for logits, labels in _forward(model, data, preprocess, batch_size, device, classes, precision):
+    for logits, labels in _forward(model, data, preprocess, batch_size, device, groups, precision):
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         hits.append(logits.argmax(dim=-1) == labels)
     correct = torch.cat(hits).cpu()
@@ -98,10 +116,12 @@ def logits_of(
     *,
     batch_size: int = 512,
     device="cpu",
+    groups: Groups | None = None,
     precision: Precision = "fp32",
 ) -> torch.Tensor:
-    """float32 logits [N, classes] of a decoded split, on the CPU (for combining models' predictions)."""
-    batches = _forward(model, data, preprocess, batch_size, torch.device(device), precision=precision)
+    """float32 logits [N, classes] of a decoded split, on the CPU (for combining models' predictions); with
+    ``groups``, the pooled logits [N, groups]."""
+    batches = _forward(model, data, preprocess, batch_size, torch.device(device), groups, precision)
     return torch.cat([logits.cpu() for logits, _ in batches])
 
 
@@ -121,6 +141,8 @@ class Evaluator:
 
     ``shifts`` are the reported distribution shifts (their mean is the paper's OOD score); ``ood_val`` are
     shift sets built from held-out images, which may select models (their mean is ``ood_val_mean``).
+    ``class_groups``: per split scored on classes of its own (`DatasetBundle.class_groups`), the model classes
+    each pools; ``precision``: what every evaluation computes in (``eval.precision``).
     """
 
     def __init__(
@@ -131,7 +153,7 @@ class Evaluator:
         *,
         shifts: tuple[str, ...] = (),
         ood_val: tuple[str, ...] = (),
-        class_subsets: Mapping[str, Sequence[int]] | None = None,
+        class_groups: Mapping[str, Groups] | None = None,
         device: torch.device | str = "cpu",
         batch_size: int = 512,
         bootstrap: int = 0,
@@ -145,7 +167,7 @@ class Evaluator:
         self.groups = {SHIFT_MEAN: shifts, OOD_VAL_MEAN: ood_val}
         self.batch_size = batch_size
         self.bootstrap, self.seed, self.precision = bootstrap, seed, precision
-        self.class_subsets = dict(class_subsets or {})
+        self.class_groups = dict(class_groups or {})
         if self.device.type == "cuda":
             self.splits = {n: s.pinned() if isinstance(s, ImageTensors) else s for n, s in self.splits.items()}
 
@@ -164,7 +186,7 @@ class Evaluator:
             self.preprocess,
             batch_size=self.batch_size,
             device=self.device,
-            classes=self.class_subsets.get(split),
+            groups=self.class_groups.get(split),
             precision=self.precision,
         )
 
@@ -174,11 +196,16 @@ class Evaluator:
         return self.metrics(split).accuracy
 
     def logits(self, state_dict: StateDict, split: str = "heldout") -> torch.Tensor:
-        """Logits of a state dict on one split (the greedy ensemble combines them)."""
+        """Logits of a state dict on one split (the greedy ensemble combines them); pooled on a grouped split."""
         self.load(state_dict)
-        data = self.splits[split]
         return logits_of(
-            self.module, data, self.preprocess, batch_size=self.batch_size, device=self.device, precision=self.precision
+            self.module,
+            self.splits[split],
+            self.preprocess,
+            batch_size=self.batch_size,
+            device=self.device,
+            groups=self.class_groups.get(split),
+            precision=self.precision,
         )
 
     def labels(self, split: str = "heldout") -> torch.Tensor:

@@ -25,12 +25,18 @@ from typing import Literal
 from PIL import Image
 from torch.utils.data import Dataset
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-LISTING_VERSION = 1
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
+"""What torchvision's ImageFolder accepts (its IMG_EXTENSIONS), compared case-insensitively, as it does."""
+LISTING_VERSION = 2
+"""2: files in torchvision ImageFolder order (a folder's own files before its sub-folders'), no .gif."""
 RACY_NS = 2_000_000_000
 """A folder changed this recently may change again within the same mtime tick, unseen: its listing is not cached."""
 WORDNET_ID = re.compile(r"n\d{8}")
 ClassLookup = Callable[[str, str], int]
+ClassGroups = tuple[tuple[int, ...], ...]
+"""How a set is scored: per class of the set (its label), the model's classes whose largest logit is that class's
+score. A set covering some of the model's classes has one singleton group per class (ImageNet-A/-R); ObjectNet's
+113 classes each pool several ImageNet classes."""
 BadFiles = Literal["error", "skip"]
 
 
@@ -41,10 +47,11 @@ class DatasetError(ValueError):
 # ------------------------------------------------------------------------------------------ lazy files
 
 
-def _decode(path: Path) -> Image.Image:
+def _decode(path: Path, border: int = 0) -> Image.Image:
+    """The file as an RGB image, ``border`` pixels cropped off every side (``data.border_crop``)."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            rgb = image.convert("RGB")
     except FileNotFoundError as err:
         raise DatasetError(
             f"image file {path} does not exist; restore it, fix its path, or set data.bad_files: skip"
@@ -53,6 +60,14 @@ def _decode(path: Path) -> Image.Image:
         raise DatasetError(
             f"image file {path} cannot be read as an image ({err}); replace or remove it, or set data.bad_files: skip"
         ) from err
+    if not border:
+        return rgb
+    if min(rgb.size) <= 2 * border:
+        raise DatasetError(
+            f"image file {path} is {rgb.width}x{rgb.height}, too small to crop data.border_crop {border} pixels off "
+            "every side; lower the crop or remove the image"
+        )
+    return rgb.crop((border, border, rgb.width - border, rgb.height - border))
 
 
 class FileDataset(Dataset):
@@ -61,11 +76,15 @@ class FileDataset(Dataset):
     A missing or undecodable file raises a `DatasetError` naming it (``on_bad="error"``), or (``"skip"``) is
     warned about once, appended to ``bad_files`` and replaced by the next readable item (wrapping around), so
     a loop over the dataset never meets a hole. ``bad_files`` holds what this process read: DataLoader
-    workers fill their own copies.
+    workers fill their own copies. ``border`` pixels are cropped off every side of each image as it is read
+    (``data.border_crop``: ObjectNet's 2), so every consumer (decoded once, streamed, trained on) sees the same
+    cropped image.
     """
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int], on_bad: BadFiles = "error") -> None:
-        self.paths, self.labels, self.on_bad = list(paths), list(labels), on_bad
+    def __init__(
+        self, paths: Sequence[Path], labels: Sequence[int], on_bad: BadFiles = "error", border: int = 0
+    ) -> None:
+        self.paths, self.labels, self.on_bad, self.border = list(paths), list(labels), on_bad, border
         self.bad_files: list[Path] = []
         self._bad_rows: set[int] = set()
 
@@ -80,7 +99,7 @@ class FileDataset(Dataset):
             if row in self._bad_rows:
                 continue
             try:
-                return _decode(self.paths[row]), self.labels[row]
+                return _decode(self.paths[row], self.border), self.labels[row]
             except DatasetError as err:
                 if self.on_bad == "error":
                     raise
@@ -90,8 +109,16 @@ class FileDataset(Dataset):
         raise DatasetError(f"none of the {len(self)} images from {self.paths[0].parent} can be read; check the files")
 
     def subset(self, rows: Sequence[int]) -> FileDataset:
-        """The given rows, in order, with the same bad-file policy."""
-        return FileDataset([self.paths[r] for r in rows], [self.labels[r] for r in rows], self.on_bad)
+        """The given rows, in order, with the same bad-file policy and border crop."""
+        return FileDataset([self.paths[r] for r in rows], [self.labels[r] for r in rows], self.on_bad, self.border)
+
+    def relabelled(self, labels: Sequence[int]) -> FileDataset:
+        """The same files (bad-file policy, border crop) with other labels."""
+        return FileDataset(self.paths, labels, self.on_bad, self.border)
+
+    def cropped(self, border: int) -> FileDataset:
+        """The same files and labels, ``border`` pixels cropped off every side of each image as it is read."""
+        return FileDataset(self.paths, self.labels, self.on_bad, border)
 
 
 # ----------------------------------------------------------------------------------- cached listings
@@ -99,8 +126,9 @@ class FileDataset(Dataset):
 
 @dataclass(frozen=True)
 class Listing:
-    """One split folder: its class sub-folders, sorted, each with its sorted image files (hidden entries left
-    out, files in nested folders included)."""
+    """One split folder: its class sub-folders, sorted, each with its image files in torchvision ImageFolder
+    order (`_imagefolder_order`; files in nested folders included). Unlike ImageFolder, hidden entries (``.x``,
+    macOS ``._x.jpg``) are left out and symlinked sub-folders of a class folder are not followed."""
 
     folder: Path
     classes: dict[str, list[Path]]
@@ -133,6 +161,14 @@ def _is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
+def _imagefolder_order(relative: str) -> tuple[str, str]:
+    """torchvision ImageFolder's order of a class folder's files, which official masks index (the paper's
+    imagenet_98_idxs.npy): it walks ``sorted(os.walk(class folder))``, so folder by folder in sorted order of their
+    paths (the class folder itself first), each folder's files sorted by name."""
+    folder, _, name = relative.rpartition("/")
+    return folder, name
+
+
 def _list(folder: Path) -> tuple[Names, dict[str, int]]:
     """List the class folders and every image under them, with each folder's mtime taken *before* listing it
     (an entry added during the listing then makes the cache stale rather than silently incomplete)."""
@@ -144,7 +180,7 @@ def _list(folder: Path) -> tuple[Names, dict[str, int]]:
         if entry.is_dir():
             files: list[str] = []
             _images_under(entry.path, entry.name, "", files, mtimes)
-            names[entry.name] = sorted(files, key=lambda rel: rel.split("/"))  # the order sorted Paths have
+            names[entry.name] = sorted(files, key=_imagefolder_order)
         elif entry.is_file() and _is_image(entry.name):
             raise DatasetError(f"image {entry.path} sits directly in {folder}; move it into a class sub-folder")
     return names, mtimes
@@ -270,13 +306,66 @@ def resolve_templates(choice: str, default: list[str]) -> list[str]:
     return templates
 
 
-def class_lookup(keys: list[str], label_map: str | None) -> ClassLookup:
-    """How one set names its classes: like train's folders (default), by class index (``"index"``, as
-    ImageNetV2), or by the names in a mapping file from its folder names to train folder names.
+def is_pooled_map(label_map: str | None) -> bool:
+    """Whether a ``data.label_maps`` entry is a many-to-one map (a JSON file), whose set has its own classes."""
+    return label_map is not None and label_map.lower().endswith(".json")
 
-    The returned ``lookup(name, where)`` gives the class index or raises a `DatasetError` starting with ``where``.
+
+def read_pooled_map(label_map: str, keys: Sequence[str], classnames: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """A many-to-one label map, in the official ``objectnet_to_imagenet_1k.json`` format: a JSON object from each
+    of the set's class folders to train classes joined by ``"; "``, named by train folder (WordNet id) or by the
+    class name the text tower reads (``data.classnames``; a name two classes share, as open_clip's 'missile' and
+    'sunglasses', stands for both). Returns folder -> sorted train class indices, in sorted folder order (the
+    set's labels are positions in it)."""
+    path = Path(label_map)
+    if not path.is_file():
+        raise DatasetError(f"data.label_maps file {path} does not exist; fix the path")
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError as err:
+        raise DatasetError(f"data.label_maps file {path} is not valid JSON ({err}); fix it") from err
+    if not isinstance(mapping, dict) or not mapping or not all(isinstance(v, str) for v in mapping.values()):
+        raise DatasetError(
+            f'data.label_maps file {path} must be a JSON object of "set folder": "train class; train class" strings'
+        )
+    index: dict[str, set[int]] = {}
+    for i, name in enumerate(classnames):
+        index.setdefault(name, set()).add(i)
+    index.update({key: {i} for i, key in enumerate(keys)})  # a train folder name wins over a class name
+    groups: dict[str, tuple[int, ...]] = {}
+    unknown: list[str] = []
+    for folder in sorted(mapping):
+        names = [name.strip() for name in mapping[folder].split(";")]
+        unknown += [name for name in names if name not in index]
+        groups[folder] = tuple(sorted(set().union(*(index[name] for name in names if name in index))))
+    if unknown:
+        raise DatasetError(
+            f"data.label_maps file {path} names {preview(sorted(set(unknown)))}, which are neither train class "
+            "folders nor class names (data.classnames); fix or remove them"
+        )
+    return groups
+
+
+def class_lookup(keys: list[str], label_map: str | None, classnames: Sequence[str] = ()) -> ClassLookup:
+    """How one set names its classes: like train's folders (default), by class index (``"index"``, as
+    ImageNetV2), by the names in a mapping file from its folder names to train folder names, or (a JSON map,
+    `read_pooled_map`) as classes of its own, each pooling some train classes (ObjectNet).
+
+    The returned ``lookup(name, where)`` gives the class index (for a pooled map: the position of the folder
+    among the map's sorted folders) or raises a `DatasetError` starting with ``where``.
     """
     index = {key: i for i, key in enumerate(keys)}
+    if is_pooled_map(label_map):
+        own = {folder: i for i, folder in enumerate(read_pooled_map(label_map, keys, classnames))}
+
+        def by_pooled_map(name: str, where: str) -> int:
+            if name not in own:
+                raise DatasetError(
+                    f'{where} has no entry in label map {label_map}; add "{name}": "train class; train class"'
+                )
+            return own[name]
+
+        return by_pooled_map
     if label_map is None:
 
         def by_name(name: str, where: str) -> int:

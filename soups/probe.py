@@ -64,3 +64,9 @@ def head_accuracy(features: torch.Tensor, labels: torch.Tensor, weight: torch.Te
     """Top-1 accuracy of a head on precomputed features."""
     logits = F.linear(features, weight.to(features), bias.to(features))
     return float((logits.argmax(dim=1) == labels).float().mean())
+
+
+@torch.no_grad()
+def head_loss(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> float:
+    """Mean cross-entropy of a head on precomputed features."""
+    return float(F.cross_entropy(F.linear(features, weight.to(features), bias.to(features)), labels))

@@ -27,7 +27,7 @@ from soups.data import DatasetBundle, load_dataset
 from soups.evaluate import evaluate
 from soups.images import ImageSplit, Preprocess, StreamedImages, cached_or_streamed, decode
 from soups.models import ClipClassifier, build_classifier, save_classifier
-from soups.probe import fit_head, head_accuracy, image_features
+from soups.probe import fit_head, head_accuracy, head_loss, image_features
 from soups.runtime import determinism_record, resolve_device, use_cores, use_determinism
 from soups.train_input import TrainImages, augmentation_workers, epoch_batches
 
@@ -68,12 +68,13 @@ def zero_shot_start(model: ModelConfig, bundle: DatasetBundle, device: torch.dev
         return build_classifier(model.name, model.pretrained, bundle.classnames, bundle.templates, device)
 
 
-ProbeSettings = tuple[int, float]
-"""What a linear probe depends on besides the start and the train split: (probe_steps, probe_weight_decay)."""
+ProbeSettings = tuple[int, tuple[float, ...]]
+"""What a linear probe depends on besides the start and the train and held-out splits: (probe_steps,
+probe_weight_decays)."""
 
 
 def probe_settings(train: TrainConfig) -> ProbeSettings:
-    return train.probe_steps, train.probe_weight_decay
+    return train.probe_steps, tuple(train.probe_weight_decays)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ class LinearProbe:
     bias: torch.Tensor
     settings: ProbeSettings
     metrics: dict[str, float]
-    """zeroshot_/probe_train_accuracy (on the train features), zeroshot_heldout_accuracy, probe_seconds."""
+    """What a run records about it: zeroshot_/probe_train_accuracy (train features), zeroshot_/probe_heldout_
+    accuracy and _loss (held-out features), probe_weight_decay (the one chosen), probe_train_images, probe_seconds."""
 
 
 @dataclass(frozen=True)
@@ -132,9 +134,10 @@ def fit_linear_probe(
     train: TrainConfig,
     device: torch.device,
 ) -> LinearProbe:
-    """LP of LP-FT: unit-norm features of the train split from the frozen start (one pass, eval preprocessing, no
-    augmentation), then full-batch L-BFGS on the head from the zero-shot head (`soups.probe`, shared with the
-    linear-probe recipe). Deterministic: nothing draws random numbers."""
+    """LP of LP-FT: unit-norm features of the train and held-out splits from the frozen start (one pass each,
+    eval preprocessing, no augmentation), then full-batch L-BFGS on the head from the zero-shot head for each of
+    ``train.probe_weight_decays`` (`soups.probe`, shared with the linear-probe recipe); the decay with the lowest
+    held-out cross-entropy wins (ties: the larger decay). Deterministic: nothing draws random numbers."""
     started = time.perf_counter()
     model = start.to(device)
     images = (
@@ -143,16 +146,26 @@ def fit_linear_probe(
         else StreamedImages(train_set.dataset, preprocess, train.workers, train.prefetch)
     )
     features, labels = image_features(model, images, preprocess.normalize, train.eval_batch_size, device)
+    held, held_labels = image_features(model, heldout, preprocess.normalize, train.eval_batch_size, device)
     zero_weight, zero_bias = model.head.weight.detach().float(), model.head.bias.detach().float()
-    weight, bias = fit_head(features, labels, zero_weight, zero_bias, train.probe_weight_decay, train.probe_steps)
+    best = None
+    for decay in sorted(train.probe_weight_decays, reverse=True):
+        weight, bias = fit_head(features, labels, zero_weight, zero_bias, decay, train.probe_steps)
+        loss = head_loss(held, held_labels, weight, bias)
+        if best is None or loss < best[0]:
+            best = (loss, decay, weight, bias)
+    loss, decay, weight, bias = best
     metrics = {
         "zeroshot_train_accuracy": head_accuracy(features, labels, zero_weight, zero_bias),
         "probe_train_accuracy": head_accuracy(features, labels, weight, bias),
+        "zeroshot_heldout_accuracy": head_accuracy(held, held_labels, zero_weight, zero_bias),
+        "zeroshot_heldout_loss": head_loss(held, held_labels, zero_weight, zero_bias),
+        "probe_heldout_accuracy": head_accuracy(held, held_labels, weight, bias),
+        "probe_heldout_loss": loss,
+        "probe_weight_decay": decay,
+        "probe_train_images": float(len(labels)),
+        "probe_seconds": time.perf_counter() - started,
     }
-    del features, labels
-    zero_shot = evaluate(model, heldout, preprocess, batch_size=train.eval_batch_size, device=device)
-    metrics["zeroshot_heldout_accuracy"] = zero_shot.accuracy
-    metrics["probe_seconds"] = time.perf_counter() - started
     dtype = model.head.weight.dtype
     return LinearProbe(weight.cpu().to(dtype), bias.cpu().to(dtype), probe_settings(train), metrics)
 
@@ -165,7 +178,7 @@ def _start_head(config: FinetuneConfig, inputs: FinetuneInputs, device: torch.de
         return None
     if inputs.probe is not None and inputs.probe.settings == probe_settings(train):
         return inputs.probe
-    print(f"fitting this run's own linear probe (steps {train.probe_steps}, weight decay {train.probe_weight_decay:g})")
+    print(f"fitting this run's own linear probe (steps {train.probe_steps}, decays {train.probe_weight_decays})")
     start = copy.deepcopy(inputs.start)
     return fit_linear_probe(start, inputs.train, inputs.heldout, inputs.preprocess, train, device)
 

@@ -67,7 +67,7 @@ def test_digits_items_and_metadata(digits: DatasetBundle) -> None:
     image, label = digits.train[0]
     assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (32, 32)
     assert type(label) is int and 0 <= label < 10
-    assert digits.classnames == DIGIT_NAMES and digits.class_subsets == {}
+    assert digits.classnames == DIGIT_NAMES and digits.class_groups == {}
     assert all(t.count("{}") == 1 for t in digits.templates)
     pixels = np.asarray(image)
     assert pixels.dtype == np.uint8 and pixels.max() > 128
@@ -150,8 +150,8 @@ def test_imagefolder_loads(tmp_path: Path) -> None:
     assert bundle.classnames == ["cat", "dog"]
     assert [len(bundle.train), len(bundle.heldout), len(bundle.test)] == [5, 2, 3]
     assert set(bundle.shifts) == {"sketch"} and bundle.pretrain is None
-    assert bundle.class_subsets == {"sketch": [1]}, "sketch has only dogs: score it on the dog class alone"
-    assert [bundle.shifts["sketch"][i][1] for i in range(2)] == [1, 1]
+    assert bundle.class_groups == {"sketch": ((1,),)}, "sketch has only dogs: score it on the dog class alone"
+    assert [bundle.shifts["sketch"][i][1] for i in range(2)] == [0, 0], "labelled by its one class"
     for image, label in (bundle.train[i] for i in range(len(bundle.train))):
         assert image.mode == "RGB" and type(label) is int
         assert (image.getpixel((0, 0))[0] == 200) == (bundle.classnames[label] == "dog")
@@ -174,7 +174,7 @@ def test_csv_with_split_column(tmp_path: Path) -> None:
     assert bundle.classnames == ["cat", "dog"]
     assert [len(bundle.train), len(bundle.heldout), len(bundle.test)] == [2, 1, 1]
     assert set(bundle.shifts) == {"night"} and len(bundle.shifts["night"]) == 2
-    assert bundle.class_subsets == {}, "night has both classes"
+    assert bundle.class_groups == {}, "night has both classes"
     image, label = bundle.test[0]
     assert image.mode == "RGB" and label == 1
     assert [bundle.shifts["night"][i][1] for i in range(2)] == [1, 0]

@@ -178,8 +178,8 @@ def test_index_named_shift_folders_map_by_class_index(tmp_path: Path) -> None:
     root = _tree(tmp_path, {**splits, "v2": {"0": 2, "2": 1, "11": 1}})
     assert "class folder " + str(root / "v2" / "0") in _error(root)
     bundle = _load(root, label_maps={"v2": "index"})
-    assert _labels_by_folder(bundle.shifts["v2"]) == {"0": {0}, "2": {2}, "11": {11}}
-    assert bundle.class_subsets == {"v2": [0, 2, 11]}
+    assert bundle.class_groups == {"v2": ((0,), (2,), (11,))}
+    assert _labels_by_folder(bundle.shifts["v2"]) == {"0": {0}, "2": {1}, "11": {2}}, "labelled among its groups"
     _image(root / "v2" / "12" / "0.png")
     message = _error(root, label_maps={"v2": "index"})
     assert str(root / "v2" / "12") in message and "0..11" in message
@@ -202,14 +202,15 @@ def test_class_subsets_list_the_classes_a_partial_set_covers(tmp_path: Path) -> 
     splits = {"train": dict.fromkeys(classes, 1), "val": {"a": 1}, "test": {"b": 1}}
     root = _tree(tmp_path, {**splits, "partial": {"b": 1, "d": 2}, "full": dict.fromkeys(classes, 1)})
     bundle = _load(root)
-    assert bundle.class_subsets == {"partial": [1, 3]}
-    assert _load(root, ood_val=["partial"]).class_subsets == {"partial": [1, 3]}, "ood_val sets are listed too"
+    assert bundle.class_groups == {"partial": ((1,), (3,))}
+    assert _load(root, ood_val=["partial"]).class_groups == {"partial": ((1,), (3,))}, "ood_val sets are listed too"
     declared = _load(root, class_subsets={"partial": ["c", "b", "d"]})
-    assert declared.class_subsets == {"partial": [1, 2, 3]}
+    assert declared.class_groups == {"partial": ((1,), (2,), (3,))}
+    assert _labels_by_folder(declared.shifts["partial"]) == {"b": {0}, "d": {2}}
     assert "has images of d," in _error(root, class_subsets={"partial": ["b"]}), "a declared subset covers the set"
     assert "lists zebra," in _error(root, class_subsets={"partial": ["zebra"]})
     assert "'typo'" in _error(root, class_subsets={"typo": ["a"]})
-    assert _load(root, class_subsets={"full": classes}).class_subsets == {"partial": [1, 3]}
+    assert _load(root, class_subsets={"full": classes}).class_groups == {"partial": ((1,), (3,))}
 
 
 def test_csv_shift_labels_by_index_and_its_class_subset(tmp_path: Path) -> None:
@@ -219,8 +220,8 @@ def test_csv_shift_labels_by_index_and_its_class_subset(tmp_path: Path) -> None:
     manifest = tmp_path / "m.csv"
     manifest.write_text("\n".join(["path,label,split", *rows, "a.png,2,v2", "b.png,0,v2", "b.png,dog,night"]) + "\n")
     bundle = load_dataset(DataConfig(name="csv", manifest=manifest, label_maps={"v2": "index"}))
-    assert bundle.shifts["v2"].labels == [2, 0] and bundle.shifts["night"].labels == [1]
-    assert bundle.class_subsets == {"v2": [0, 2], "night": [1]}
+    assert bundle.shifts["v2"].labels == [1, 0] and bundle.shifts["night"].labels == [0]
+    assert bundle.class_groups == {"v2": ((0,), (2,)), "night": ((1,),)}
 
 
 # ------------------------------------------------------------------------------------------- listing

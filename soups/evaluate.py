@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -180,15 +181,7 @@ class Evaluator:
         return self.module
 
     def metrics(self, split: str, model: nn.Module | None = None) -> Metrics:
-        return evaluate(
-            model or self.module,
-            self.splits[split],
-            self.preprocess,
-            batch_size=self.batch_size,
-            device=self.device,
-            groups=self.class_groups.get(split),
-            precision=self.precision,
-        )
+        return evaluate(model or self.module, self.splits[split], self.preprocess, **self._how(split))
 
     def accuracy(self, state_dict: StateDict, split: str = "heldout") -> float:
         """The ``evaluate`` callback of the greedy soup: held-out accuracy of a state dict."""
@@ -198,15 +191,12 @@ class Evaluator:
     def logits(self, state_dict: StateDict, split: str = "heldout") -> torch.Tensor:
         """Logits of a state dict on one split (the greedy ensemble combines them); pooled on a grouped split."""
         self.load(state_dict)
-        return logits_of(
-            self.module,
-            self.splits[split],
-            self.preprocess,
-            batch_size=self.batch_size,
-            device=self.device,
-            groups=self.class_groups.get(split),
-            precision=self.precision,
-        )
+        return logits_of(self.module, self.splits[split], self.preprocess, **self._how(split))
+
+    def _how(self, split: str) -> dict[str, Any]:
+        """How every evaluation of ``split`` runs: batch, device, its class groups, the precision."""
+        groups = self.class_groups.get(split)
+        return {"batch_size": self.batch_size, "device": self.device, "groups": groups, "precision": self.precision}
 
     def labels(self, split: str = "heldout") -> torch.Tensor:
         return self.splits[split].labels

@@ -10,12 +10,14 @@ for the same features, settings and thread count.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
 
-from soups.images import ImageSplit
-from soups.models import ClipClassifier
+if TYPE_CHECKING:  # types only: the file-only path (soups cook, the merges) stays free of open_clip and timm
+    from soups.images import ImageSplit
+    from soups.models import ClipClassifier
 
 
 @torch.no_grad()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 import soups
 
 FORBIDDEN = ("prefect", "mlflow", "optuna", "flows", "tasks", "cli")
@@ -34,3 +36,22 @@ def test_no_soups_source_names_an_orchestration_package():
             if len(words) >= 2 and words[0] in ("import", "from") and words[1].split(".")[0] in FORBIDDEN:
                 offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_cooking_from_files_loads_no_image_or_model_package(tmp_path):
+    """`soups cook` and the merges read safetensors only: torchvision, open_clip and timm stay unloaded."""
+    from safetensors.torch import save_file
+
+    files = []
+    for k in range(2):
+        files.append(str(tmp_path / f"{k}.safetensors"))
+        save_file({"w": torch.full((4,), float(k))}, files[-1])
+    out = str(tmp_path / "soup.safetensors")
+    script = (
+        "import sys\nfrom cli.main import main\n"
+        f"assert main(['cook', 'uniform', *{files!r}, '--out', {out!r}]) == 0\n"
+        "print(sorted(m for m in ('torchvision', 'open_clip', 'timm') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
+    assert Path(out).is_file()

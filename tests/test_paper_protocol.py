@@ -19,8 +19,8 @@ import yaml
 from PIL import Image
 
 from cli.main import main
-from soups.importing import convert
 from soups.images import Preprocess
+from soups.importing import convert
 from soups.models import create_clip, load_classifier, model_embed_dim
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,9 @@ def released_checkpoints(folder: Path, count: int = 3) -> list[Path]:
     paths = []
     for k in range(count):
         kept = {
-            f"model.{key}": value + 0.02 * torch.randn(value.shape, generator=noise) if value.is_floating_point() else value
+            f"model.{key}": value + 0.02 * torch.randn(value.shape, generator=noise)
+            if value.is_floating_point()
+            else value
             for key, value in start.items()
             if not key.startswith("transformer.")
         }

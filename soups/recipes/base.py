@@ -5,15 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from soups.checkpoint import Ingredient, StateDict
-from soups.images import ImageSplit
 from soups.selection import best_first
+
+if TYPE_CHECKING:  # a type only: torchvision stays off the file-only path
+    from soups.images import ImageSplit
 
 Evaluate = Callable[[StateDict], float]
 """Scores a state dict on the held-out scoring split (higher is better), e.g. top-1 accuracy."""

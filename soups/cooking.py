@@ -84,17 +84,22 @@ def prepare_cooking(config: PipelineConfig, workdir: Path) -> CookingSetup:
         classifier, base = empty_classifier(config.model.name, len(bundle.classnames), device), None
     preprocess = Preprocess.of(classifier)
     splits, shifts = evaluation_splits(bundle, preprocess, config.eval.cache_bytes, config.eval.workers)
-    fraction, seed = config.kitchen.learned_fit_fraction, config.data.seed
-    fit_rows, score_rows = heldout_partition(len(splits[HELDOUT]), fraction, seed)
-    fit, splits[HELDOUT] = splits[HELDOUT].subset(fit_rows), splits[HELDOUT].subset(score_rows)
-    fit_scored = [HELDOUT, HELDOUT_LOSS] if fraction == 0 else []
+    whole = config.kitchen.learned_fit_fraction == 0
+    if whole:  # the official protocol: one copy of held-out, fitted on and scored whole
+        fit, score_rows, fit_scored = splits[HELDOUT], None, [HELDOUT, HELDOUT_LOSS]
+    else:
+        fit_rows, score_rows = heldout_partition(
+            len(splits[HELDOUT]), config.kitchen.learned_fit_fraction, config.data.seed
+        )
+        fit, splits[HELDOUT], fit_scored = splits[HELDOUT].subset(fit_rows), splits[HELDOUT].subset(score_rows), []
     left = max(0, config.eval.cache_bytes - sum(len(s) for s in splits.values()) * preprocess.image_bytes())
     ood = cached_or_streamed(list(bundle.ood_val.items()), preprocess, left, config.eval.workers)
     for name, dataset in bundle.ood_val.items():
-        # Sets made from the held-out images themselves keep only the scoring part, like held-out.
+        # Sets made from the held-out images themselves are scored on the rows held-out is, and are in-sample
+        # for learned soups under the whole-held-out protocol.
         same = _same_images(dataset, bundle.heldout)
-        splits[ood_val_split(name)] = ood[name].subset(score_rows) if same else ood[name]
-        if same and fraction == 0:
+        splits[ood_val_split(name)] = ood[name].subset(score_rows) if same and not whole else ood[name]
+        if same and whole:
             fit_scored.append(ood_val_split(name))
     evaluator = Evaluator(
         classifier,
@@ -102,7 +107,7 @@ def prepare_cooking(config: PipelineConfig, workdir: Path) -> CookingSetup:
         preprocess,
         shifts=shifts,
         ood_val=tuple(ood_val_split(name) for name in bundle.ood_val),
-        class_groups=_class_subsets(bundle),
+        class_groups=_class_groups(bundle),
         device=device,
         batch_size=config.train.eval_batch_size,
         bootstrap=config.kitchen.bootstrap,
@@ -125,11 +130,8 @@ def prepare_cooking(config: PipelineConfig, workdir: Path) -> CookingSetup:
 
 
 def heldout_partition(size: int, fit_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded disjoint (fit, score) row indices of the held-out split; with ``fit_fraction`` 0 both are the
-    whole split (the official protocol: fit and select on all of it)."""
+    """Seeded disjoint (fit, score) row indices of the held-out split."""
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
-    if fit_fraction == 0:
-        return order, order
     cut = max(1, min(size - 1, round(fit_fraction * size)))
     return order[:cut], order[cut:]
 
@@ -148,7 +150,7 @@ def _train_images(config: PipelineConfig, bundle: DatasetBundle, preprocess: Pre
     return split["train"]
 
 
-def _class_subsets(bundle: DatasetBundle) -> dict[str, tuple[tuple[int, ...], ...]]:
+def _class_groups(bundle: DatasetBundle) -> dict[str, tuple[tuple[int, ...], ...]]:
     """Evaluator split name -> how a shift or ood-validation set not scored on the model's classes one for one is
     scored: per class of its own, the model classes pooled (`DatasetBundle.class_groups`)."""
     return {(ood_val_split(n) if n in bundle.ood_val else n): groups for n, groups in bundle.class_groups.items()}

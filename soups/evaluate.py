@@ -165,7 +165,8 @@ class Evaluator:
         self.module = module.to(self.device).eval()
         self.splits = dict(splits)
         self.preprocess = preprocess
-        self.groups = {SHIFT_MEAN: shifts, OOD_VAL_MEAN: ood_val}
+        self.means = {SHIFT_MEAN: shifts, OOD_VAL_MEAN: ood_val}
+        """Each mean score and the splits it averages."""
         self.batch_size = batch_size
         self.bootstrap, self.seed, self.precision = bootstrap, seed, precision
         self.class_groups = dict(class_groups or {})
@@ -174,7 +175,7 @@ class Evaluator:
 
     @property
     def shifts(self) -> tuple[str, ...]:
-        return self.groups[SHIFT_MEAN]
+        return self.means[SHIFT_MEAN]
 
     def load(self, state_dict: StateDict) -> nn.Module:
         self.module.load_state_dict(state_dict, strict=True)
@@ -215,14 +216,14 @@ class Evaluator:
             scores[split], hits[split] = metrics.accuracy, metrics.hits
             if split == "heldout":
                 scores["heldout_loss"] = metrics.loss
-        for mean, members in self.groups.items():
+        for mean, members in self.means.items():
             if members:
                 scores[mean] = sum(scores[s] for s in members) / len(members)
         return Report(scores, self._intervals(hits), hits)
 
     def members(self, score: str) -> tuple[str, ...]:
         """The splits an accuracy is measured on: a mean's sets (``shift_mean``), or the split itself."""
-        return self.groups.get(score) or (score,)
+        return self.means.get(score) or (score,)
 
     def paired(
         self, first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor], score: str
@@ -236,13 +237,13 @@ class Evaluator:
 
     def _seed(self, score: str) -> int:
         """One bootstrap seed per split or mean, so every model is resampled with the same image indices."""
-        return self.seed + [*self.splits, *self.groups].index(score)
+        return self.seed + [*self.splits, *self.means].index(score)
 
     def _intervals(self, hits: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
         if not self.bootstrap:
             return {}
         intervals = {split: bootstrap_interval([h], self.bootstrap, self._seed(split)) for split, h in hits.items()}
-        for mean, members in self.groups.items():
+        for mean, members in self.means.items():
             if members:
                 intervals[mean] = bootstrap_interval([hits[s] for s in members], self.bootstrap, self._seed(mean))
         return intervals

@@ -58,20 +58,15 @@ def promote(run: RunContext, candidates: list[RegisteredCandidate], setup: Cooki
             f"ensemble is not one model and in-sample scores never promote: add one of {', '.join(promotable)} "
             "to kitchen.recipes"
         )
-    leading = max(candidates, key=lambda c: c.key(metric)).name
-    with failing_as("promote", leading), promotion_lock(config):  # read, compare, move the alias: one step
+    # `soups.selection` order: the metric, lower held-out loss, fewer ingredients, then the older version (the
+    # reigning champion keeps a full tie, so promoting the same candidates twice changes nothing).
+    ranked = sorted(candidates, key=lambda c: c.key(metric), reverse=True)
+    best = ranked[0]
+    rival = ranked[1] if len(ranked) > 1 else None
+    with failing_as("promote", best.name), promotion_lock(config):  # read, compare, move the alias: one step
         client = run.client
         name = config.experiment
         champion = _alias(client, name, CHAMPION)
-
-        def key(candidate: RegisteredCandidate) -> tuple:
-            # `soups.selection` order: the metric, lower held-out loss, fewer ingredients, then the older version
-            # (the reigning champion keeps a full tie, so promoting the same candidates twice changes nothing).
-            return candidate.key(metric)
-
-        ranked = sorted(candidates, key=key, reverse=True)
-        best = ranked[0]
-        rival = ranked[1] if len(ranked) > 1 else None
         champion_score = None
         if champion is None:
             outcome = "champion (first)"
@@ -82,7 +77,7 @@ def promote(run: RunContext, candidates: list[RegisteredCandidate], setup: Cooki
         else:
             rival = registered_candidate(champion, rescore(run, str(champion.version), setup))
             champion_score = rival.scores[metric]
-            if key(best) > key(rival):
+            if best.key(metric) > rival.key(metric):
                 outcome = "champion (beats the previous champion)"
                 client.set_registered_model_alias(name, CHAMPION, best.version)
             else:

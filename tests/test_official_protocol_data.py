@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torchvision.datasets import ImageFolder
 
 from soups.config import ConfigError, DataConfig, load_config
-from soups.cooking import _class_subsets
+from soups.cooking import _class_groups
 from soups.data import DatasetError, load_dataset
 from soups.evaluate import Evaluator, evaluate, evaluation_splits, logits_of
 from soups.images import ImageTensors, Preprocess, StreamedImages, decode
@@ -191,7 +191,7 @@ def test_a_json_label_map_gives_the_set_its_own_classes_pooling_train_classes_na
     # Image k of each folder: k=0 and 2 favour the right class only through the max, k=1 through the mean.
     table = torch.tensor([[9.0, -9.0, 5.0, 5.0], [0.0, 1.0, 2.0, 2.0], [-9.0, 9.0, 5.0, 5.0]])
     splits, shifts = evaluation_splits(bundle, IDENTITY)
-    evaluator = Evaluator(ByPixel(table), splits, IDENTITY, shifts=shifts, class_groups=_class_subsets(bundle))
+    evaluator = Evaluator(ByPixel(table), splits, IDENTITY, shifts=shifts, class_groups=_class_groups(bundle))
     hits = evaluator.metrics("objectnet").hits.tolist()
     assert hits == [True, False, True, False, True, False], "fish: max-pooled wins on 0 and 2; sharks: on 1 only"
     assert "test" not in evaluator.class_groups and "heldout" not in evaluator.class_groups

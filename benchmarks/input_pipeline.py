@@ -91,7 +91,7 @@ threading.Thread(target=sample, daemon=True).start()
 epoch = epoch_batches(TrainImages(train_split, None), preprocess, settings)
 started = time.perf_counter()
 seen = 0
-for images, labels in epoch():
+for images, labels in epoch(1):
     seen += len(labels)
 seconds = time.perf_counter() - started
 done = True

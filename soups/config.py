@@ -219,6 +219,13 @@ class TrainConfig(_Section):
     )
     workers: int = Field(4, ge=0, description="DataLoader worker processes when the train split is streamed.")
     prefetch: int = Field(2, ge=1, description="Batches each worker prepares ahead.")
+    checkpoint_every: int = Field(
+        1,
+        ge=0,
+        description="Epochs between training states kept (weights, AdamW moments, schedule, generators) so a lost "
+        "trial resumes at its next epoch; a sweep keeps the latest in the trial's MLflow run and deletes it once the "
+        "ingredient is registered. 0: none.",
+    )
 
     @field_validator("probe_weight_decays")
     @classmethod

@@ -30,22 +30,18 @@ from soups.models import ClipClassifier, build_classifier, save_classifier
 from soups.probe import fit_head, head_accuracy, head_loss, image_features
 from soups.runtime import determinism_record, resolve_device, use_cores, use_determinism
 from soups.train_input import TrainImages, augmentation_workers, epoch_batches
+from soups.training_state import EpochReport, TrainingState
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite: the run is useless as an ingredient and must not be registered."""
 
 
-@dataclass(frozen=True)
-class EpochReport:
-    epoch: int
-    train_loss: float
-    heldout_accuracy: float
-    heldout_loss: float
-
-
 EpochCallback = Callable[[EpochReport], None]
 """Called after every epoch; may raise (e.g. to prune a trial), which stops training."""
+
+StateCallback = Callable[[TrainingState], None]
+"""Called with the run's state every ``train.checkpoint_every`` epochs (not after the last): where to keep it."""
 
 
 @dataclass
@@ -184,53 +180,75 @@ def _start_head(config: FinetuneConfig, inputs: FinetuneInputs, device: torch.de
 
 
 def finetune(
-    config: FinetuneConfig, inputs: FinetuneInputs, out: Path, on_epoch: EpochCallback | None = None
+    config: FinetuneConfig,
+    inputs: FinetuneInputs,
+    out: Path,
+    on_epoch: EpochCallback | None = None,
+    on_state: StateCallback | None = None,
+    resume: TrainingState | None = None,
 ) -> FinetuneResult:
-    """Fine-tune a copy of the shared start and write it to ``out`` (safetensors); returns held-out metrics."""
+    """Fine-tune a copy of the shared start and write it to ``out`` (safetensors); returns held-out metrics.
+    With ``resume`` (a state of a run of this same config) training goes on at its next epoch and ends with the
+    weights the uninterrupted run would have; ``on_epoch`` hears only the epochs trained here."""
     if inputs.model != config.model or inputs.data != config.data:
         raise ValueError("finetune inputs were prepared for another model or dataset than this run's config")
+    if resume is not None and resume.config != config.model_dump_json():
+        raise ValueError("the training state to resume was made with another config than this run's")
     train = config.train
     use_cores(train.threads)
     use_determinism(train.deterministic)
     device = resolve_device(train.device)
     torch.manual_seed(train.seed)  # for modules that draw (dropout); CLIP's towers and the inputs never do
-    probe = _start_head(config, inputs, device)
     classifier = copy.deepcopy(inputs.start).to(device)
-    if probe is not None:
-        with torch.no_grad():
-            classifier.head.weight.copy_(probe.weight)
-            classifier.head.bias.copy_(probe.bias)
-    preprocess, train_set, heldout = inputs.preprocess, inputs.train, inputs.heldout
-    begin = evaluate(classifier, heldout, preprocess, batch_size=train.eval_batch_size, device=device)
-
+    start_metrics = resume.start_metrics if resume is not None else _start(classifier, config, inputs, device)
     started = time.perf_counter()
-    history = _train(classifier, train_set, heldout, preprocess, train, device, on_epoch)
+    history = _train(classifier, config, inputs, device, on_epoch, on_state, resume, start_metrics)
     seconds = time.perf_counter() - started
     save_classifier(classifier.cpu(), out, {"finetune_config": config.model_dump_json()})
     final = history[-1]
+    trained = train.epochs - (resume.epoch if resume is not None else 0)
     metrics = {
         "heldout_accuracy": final.heldout_accuracy,
         "heldout_loss": final.heldout_loss,
         "train_loss": final.train_loss,
-        "start_heldout_accuracy": begin.accuracy,
-        "zeroshot_heldout_accuracy": begin.accuracy if probe is None else probe.metrics["zeroshot_heldout_accuracy"],
+        **start_metrics,
         "train_seconds": seconds,
-        "train_images_per_second": len(train_set) * train.epochs / seconds,
-        **({} if probe is None else probe.metrics),
+        "epochs_trained": float(trained),
+        "train_images_per_second": len(inputs.train) * trained / seconds,
+        **({} if resume is None else {"resumed_after_epoch": float(resume.epoch)}),
     }
     runtime = determinism_record(device, augmentation_workers(train))
     return FinetuneResult(Path(out), metrics, history, runtime)
 
 
+def _start(classifier: ClipClassifier, config: FinetuneConfig, inputs: FinetuneInputs, device) -> dict[str, float]:
+    """Put the start's head on ``classifier`` (LP-FT: the probe's) and measure it before the first epoch."""
+    probe = _start_head(config, inputs, device)
+    if probe is not None:
+        with torch.no_grad():
+            classifier.head.weight.copy_(probe.weight)
+            classifier.head.bias.copy_(probe.bias)
+    batch_size = config.train.eval_batch_size
+    begin = evaluate(classifier, inputs.heldout, inputs.preprocess, batch_size=batch_size, device=device)
+    zero_shot = begin.accuracy if probe is None else probe.metrics["zeroshot_heldout_accuracy"]
+    return {
+        "start_heldout_accuracy": begin.accuracy,
+        "zeroshot_heldout_accuracy": zero_shot,
+        **({} if probe is None else probe.metrics),
+    }
+
+
 def _train(
     classifier: ClipClassifier,
-    train_set: TrainImages,
-    heldout: ImageSplit,
-    preprocess: Preprocess,
-    train: TrainConfig,
+    config: FinetuneConfig,
+    inputs: FinetuneInputs,
     device: torch.device,
     on_epoch: EpochCallback | None,
+    on_state: StateCallback | None,
+    resume: TrainingState | None,
+    start_metrics: dict[str, float],
 ) -> list[EpochReport]:
+    train, train_set, heldout, preprocess = config.train, inputs.train, inputs.heldout, inputs.preprocess
     cuda = device.type == "cuda"
     classifier.to(device)
     if cuda:
@@ -242,11 +260,17 @@ def _train(
     )
     next_epoch = epoch_batches(train_set, preprocess, train, pin=cuda)  # pinned: host-to-GPU copies overlap
     mixing = np.random.default_rng(train.seed)  # the run's own: other threads never draw from it
-    history = []
-    for epoch in range(1, train.epochs + 1):
+    history: list[EpochReport] = []
+    if resume is not None:
+        classifier.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        schedule.load_state_dict(resume.schedule)
+        _set_generators(resume.generators, mixing)
+        history = list(resume.history)
+    for epoch in range(len(history) + 1, train.epochs + 1):
         classifier.train()
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
-        for batch, labels in next_epoch():
+        for batch, labels in next_epoch(epoch):
             batch = preprocess.normalize(batch.to(device, non_blocking=True))
             if cuda:
                 batch = batch.contiguous(memory_format=torch.channels_last)
@@ -269,7 +293,34 @@ def _train(
         history.append(report)
         if on_epoch is not None:
             on_epoch(report)
+        every = train.checkpoint_every
+        if on_state is not None and every and epoch % every == 0 and epoch < train.epochs:
+            on_state(
+                TrainingState(
+                    config=config.model_dump_json(),
+                    epoch=epoch,
+                    step=epoch * steps_per_epoch,
+                    model={k: v.detach().cpu() for k, v in classifier.state_dict().items()},
+                    optimizer=optimizer.state_dict(),
+                    schedule=schedule.state_dict(),
+                    generators=_generators(mixing),
+                    history=list(history),
+                    start_metrics=start_metrics,
+                )
+            )
     return history
+
+
+def _generators(mixing: np.random.Generator) -> dict:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "mixup": mixing.bit_generator.state}
+
+
+def _set_generators(generators: dict, mixing: np.random.Generator) -> None:
+    torch.set_rng_state(generators["torch"])
+    if generators["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(generators["cuda"])
+    mixing.bit_generator.state = generators["mixup"]
 
 
 def _step_loss(

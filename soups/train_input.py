@@ -6,20 +6,25 @@ A train split that fits ``train.cache_bytes`` is decoded once; a larger one is d
 way every augmented image is made in ``train.workers`` DataLoader processes (at least one), never in the
 training process: timm and torchvision draw from process-global generators (Python's ``random``, numpy's,
 torch's), which other threads of a sweep's process also draw from (Prefect's websocket client masks every
-frame with ``random.getrandbits``), so augmenting there made a rerun of the same trial differ. A worker's
-generators are seeded from the trial's seed and belong to it alone. Without augmentation, a decoded split is
-batched in the training process (nothing random but the order). Both draw the epoch's order from the same
-seeded generator, so with augmentation off they give the same batches. From memory the crop acts on the
-already centre-cropped image; streamed, on the whole image, as the paper's runs did.
+frame with ``random.getrandbits``), so augmenting there made a rerun of the same trial differ.
+
+An epoch is a pure function of (``train.seed``, epoch number): its order is drawn from a generator seeded by
+both, and before each image is augmented the worker seeds Python's, numpy's and torch's generators from
+(seed, epoch, index). So epoch k comes out the same whether the trial ran epochs 1..k-1 in this process or
+resumed from a checkpoint in another one, and whatever ``train.workers`` is. Without augmentation, a decoded
+split is batched in the training process (nothing random but the order), the same batches as streaming.
+From memory the crop acts on the already centre-cropped image; streamed, on the whole image, as the paper's runs did.
 """
 
 from __future__ import annotations
 
+import random
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
@@ -95,37 +100,69 @@ class TrainImages:
         return self.decoded is None
 
 
-class EpochOrder(Sampler[int]):
-    """A fresh permutation per epoch from one seeded generator, drawn in the training process."""
+def epoch_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from ``keys`` (seed, epoch[, index]) by numpy's SeedSequence: nearby keys give
+    unrelated streams."""
+    return int(np.random.SeedSequence([k & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
 
-    def __init__(self, size: int, generator: torch.Generator) -> None:
-        self.size, self.generator = size, generator
+
+EpochBatches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+"""Epoch number (1-based) in, that epoch's (uint8 images, labels) batches out."""
+
+
+class EpochOrder(Sampler[tuple[int, int]]):
+    """(epoch, index) pairs: a permutation seeded by (seed, epoch), for the epoch `start` sets."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 1
 
     def __len__(self) -> int:
         return self.size
 
-    def __iter__(self) -> Iterator[int]:
-        yield from torch.randperm(self.size, generator=self.generator).tolist()
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        for index in torch.randperm(self.size, generator=order).tolist():
+            yield self.epoch, index
 
 
-def epoch_batches(
-    images: TrainImages, preprocess: Preprocess, train: TrainConfig, pin: bool = False
-) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """A function giving one epoch of (uint8 images, labels) batches per call, in a seeded order."""
-    order = torch.Generator().manual_seed(train.seed)
+def epoch_batches(images: TrainImages, preprocess: Preprocess, train: TrainConfig, pin: bool = False) -> EpochBatches:
+    """A function giving epoch k's (uint8 images, labels) batches, the same in any process (module docstring)."""
     augment = train_transform(preprocess, train)
     if images.streamed:
-        return _loaded(Transformed(images.dataset, augment or preprocess.decode_transform()), order, train, pin)
+        source = Transformed(images.dataset, augment or preprocess.decode_transform())
+        return _loaded(_Seeded(source, train.seed), train, pin)
     if augment is not None:
-        return _loaded(_AugmentedTensors(images.decoded, augment), order, train, pin)
+        return _loaded(_Seeded(_AugmentedTensors(images.decoded, augment), train.seed), train, pin)
     decoded = images.decoded
+    order = EpochOrder(len(decoded), train.seed)
 
-    def epoch() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for index in BatchSampler(EpochOrder(len(decoded), order), train.batch_size, drop_last=False):
+    def epoch(number: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order.epoch = number
+        for pairs in BatchSampler(order, train.batch_size, drop_last=False):
+            index = [i for _, i in pairs]
             batch = decoded.images[index]
             yield (batch.pin_memory() if pin else batch), decoded.labels[index]
 
     return epoch
+
+
+class _Seeded(Dataset):
+    """Items fetched by (epoch, index), each made under generators seeded by (seed, epoch, index): timm and
+    torchvision draw from the process-global ones, which this worker process owns."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        seed = epoch_seed(self.seed, epoch, index)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
+        torch.manual_seed(seed)
+        return self.dataset[index]
 
 
 class _AugmentedTensors(Dataset):
@@ -147,19 +184,21 @@ def augmentation_workers(train: TrainConfig) -> int:
     return max(1, train.workers)
 
 
-def _loaded(dataset: Dataset, order: torch.Generator, train: TrainConfig, pin: bool):
+def _loaded(dataset: _Seeded, train: TrainConfig, pin: bool) -> EpochBatches:
+    order = EpochOrder(len(dataset), train.seed)
     with _workers_as_configured():
         loader = DataLoader(
             dataset,
-            batch_sampler=BatchSampler(EpochOrder(len(dataset), order), train.batch_size, drop_last=False),
+            batch_sampler=BatchSampler(order, train.batch_size, drop_last=False),
             num_workers=augmentation_workers(train),
             persistent_workers=True,
             prefetch_factor=train.prefetch,
             pin_memory=pin,
-            generator=torch.Generator().manual_seed(train.seed),  # seeds each worker's torch, random and numpy
+            generator=torch.Generator().manual_seed(train.seed),  # never the training process's global one
         )
 
-    def epoch() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(number: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order.epoch = number  # read when the iterator below draws its first batch indices
         with _workers_as_configured():
             return iter(loader)
 

@@ -111,7 +111,7 @@ EpochBatches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
 class EpochOrder(Sampler[tuple[int, int]]):
-    """(epoch, index) pairs: a permutation seeded by (seed, epoch), for the epoch `start` sets."""
+    """(epoch, index) pairs: a permutation seeded by (seed, epoch), for the epoch the caller last set."""
 
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.seed, self.epoch = size, seed, 1

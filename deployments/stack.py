@@ -102,10 +102,6 @@ class Auth:
     def mlflow_admin(self) -> str:
         return f"{MLFLOW_ADMIN}:{self.admin_password}"
 
-    @property
-    def mlflow(self) -> str:
-        return f"{MLFLOW_USER}:{self.mlflow_password}"
-
     def client_environment(self) -> dict[str, str]:
         """What a worker (and its flow runs) needs to talk to both servers."""
         mlflow = {"MLFLOW_TRACKING_USERNAME": MLFLOW_USER, "MLFLOW_TRACKING_PASSWORD": self.mlflow_password}

@@ -60,9 +60,38 @@ def check_stores(config, command: str) -> str:
 
 def check_dispatch(config, command: str) -> None:
     """Trials dispatched as flow runs need the Prefect server that the pool's workers poll; a temporary server
-    has no workers, so its trials would wait forever."""
-    if command in ("run", "sweep") and config.sweep.dispatch == "deployment" and not os.environ.get("PREFECT_API_URL"):
+    has no workers, so its trials would wait forever. The server PREFECT_API_URL names must take this client's
+    PREFECT_API_AUTH_STRING."""
+    api = os.environ.get("PREFECT_API_URL")
+    if command in ("run", "sweep") and config.sweep.dispatch == "deployment" and not api:
         raise UsageError(
             "sweep.dispatch is 'deployment' but PREFECT_API_URL names no Prefect server: `. DIR/stack.env` after "
             "`soups stack up --root DIR`, or export PREFECT_API_URL of the server your workers poll"
         )
+    if api:
+        check_prefect_credentials(api.rstrip("/"))
+
+
+def check_prefect_credentials(api: str, timeout: float = 5.0) -> None:
+    """A Prefect server with an auth string answers 401 to a wrong or missing one: one line naming the variable,
+    before any flow run (Prefect's client would fail with a traceback). Other failures are Prefect's to report."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    auth = os.environ.get("PREFECT_API_AUTH_STRING")
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    request = urllib.request.Request(f"{api}/flow_runs/filter", data=b'{"limit": 1}', headers=headers)
+    try:
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError as err:
+        if err.code == 401:
+            given = "" if auth else ", which is not set"
+            raise UsageError(
+                f"the Prefect server at {api} (PREFECT_API_URL) refused PREFECT_API_AUTH_STRING{given} (401): source "
+                "DIR/stack.env of the stack that serves it (`. DIR/stack.env`), or export its user:password"
+            ) from None
+    except OSError:
+        return

@@ -26,6 +26,12 @@ def add_stack_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="IP address every service listens on and is reached at (default 127.0.0.1; another machine's "
         "workers need this machine's address on their network)",
     )
+    up.add_argument(
+        "--auth",
+        action="store_true",
+        help="MLflow and the Prefect API ask for a password (always on when --host is not a loopback address); "
+        "clients get it from DIR/stack.env",
+    )
     for service in ("postgres", "mlflow", "prefect"):
         up.add_argument(f"--{service}-port", type=int, default=0, metavar="PORT", help="default: a free port")
     up.add_argument("--timeout", type=float, default=180.0, help="seconds each service may take to answer")
@@ -54,6 +60,7 @@ def stack_up_command(args: argparse.Namespace) -> None:
         mlflow_port=args.mlflow_port,
         prefect_port=args.prefect_port,
         timeout=args.timeout,
+        auth=args.auth,
     )
     try:
         stack = up(options)
@@ -64,6 +71,8 @@ def stack_up_command(args: argparse.Namespace) -> None:
     env_file, overlay = stack.root / ENV_FILE, stack.root / OVERLAY
     if stack.generated_password:
         print(f"A database password was generated into {env_file} (mode 0600).")
+    if stack.auth:
+        print(f"Authentication is on: MLflow user soups and Prefect's auth string are in {env_file}.")
     print(f"\nUse it:            . {env_file} && soups run {overlay}")
     print(f"  MLflow UI:        {stack.mlflow_uri}")
     print(f"  Prefect UI:       {stack.prefect_api.removesuffix('/api')}")

@@ -4,6 +4,7 @@ tell a server is up."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -21,6 +22,20 @@ from pathlib import Path
 from typing import Any
 
 PASSWORD_VARIABLE = "SOUPS_DB_PASSWORD"
+SECRET_VARIABLES = (
+    PASSWORD_VARIABLE,
+    "PGPASSWORD",
+    "SOUPS_MLFLOW_ADMIN_PASSWORD",
+    "SOUPS_MLFLOW_PASSWORD",
+    "SOUPS_PREFECT_AUTH_STRING",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    "MLFLOW_TRACKING_PASSWORD",
+    "PREFECT_SERVER_API_AUTH_STRING",
+    "PREFECT_API_AUTH_STRING",
+)
+"""The stack's own secrets and the variables the servers and clients read them from: children get each one
+only where they need it."""
 
 # urllib would send even 127.0.0.1 through an http_proxy from the environment.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -109,9 +124,9 @@ def stop(service: Service, grace: float = 20.0) -> None:
 
 
 def child_environment(**extra: str) -> dict[str, str]:
-    """This process's environment without the password variables, plus ``extra``: children get PGPASSWORD
-    only where they connect to the database."""
-    inherited = {k: v for k, v in os.environ.items() if k not in (PASSWORD_VARIABLE, "PGPASSWORD")}
+    """This process's environment without the secret variables, plus ``extra``: children get PGPASSWORD
+    only where they connect to the database, and credentials only where they talk to a server."""
+    inherited = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
     return {**inherited, **extra}
 
 
@@ -166,10 +181,18 @@ def free_port(host: str, wanted: int, service: str) -> int:
         return probe.getsockname()[1]
 
 
-def http_request(url: str, body: dict | None = None) -> tuple[int, Any]:
-    """GET (or POST ``body`` as JSON) ``url``; (status, decoded JSON or None), status 0 when unreachable."""
+def basic_auth(credentials: str) -> dict[str, str]:
+    """The Authorization header for ``user:password`` (none for an empty string: auth is off)."""
+    token = base64.b64encode(credentials.encode()).decode()
+    return {"Authorization": f"Basic {token}"} if credentials else {}
+
+
+def http_request(url: str, body: dict | None = None, auth: str = "", method: str | None = None) -> tuple[int, Any]:
+    """GET (or POST ``body`` as JSON, or ``method``) ``url`` as ``auth`` (``user:password``, "" for none);
+    (status, decoded JSON or None), status 0 when unreachable."""
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **basic_auth(auth)}
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with _DIRECT.open(request, timeout=5) as response:
             payload = response.read()
@@ -183,8 +206,8 @@ def http_request(url: str, body: dict | None = None) -> tuple[int, Any]:
     return status, None
 
 
-def answers(url: str) -> bool:
-    return http_request(url)[0] == 200
+def answers(url: str, auth: str = "") -> bool:
+    return http_request(url, auth=auth)[0] == 200
 
 
 def wait_ready(

@@ -9,13 +9,21 @@ a pid. Data stays in DIR.
 The database password is never in a URL, a command line, a log or a config: initdb reads it on stdin, and the
 servers, workers and clients get it through ``PGPASSWORD``, which libpq (MLflow, Optuna) and asyncpg (Prefect)
 read when a URL has none. ``DIR/stack.env`` (mode 0600) exports it for shells.
+
+With ``--auth`` (always when ``--host`` is not a loopback address) MLflow runs its basic-auth app (users
+``admin`` and ``soups``, its user database in DIR/mlflow-auth) and the Prefect server takes a basic-auth
+string. The passwords come from SOUPS_MLFLOW_ADMIN_PASSWORD, SOUPS_MLFLOW_PASSWORD and
+SOUPS_PREFECT_AUTH_STRING, else are generated into stack.env, and reach the servers, workers and clients only
+through the variables MLflow and Prefect read (MLFLOW_TRACKING_PASSWORD, PREFECT_API_AUTH_STRING, ...).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -23,6 +31,7 @@ import socket
 import subprocess
 from dataclasses import asdict, dataclass
 from functools import partial
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from deployments.postgres import (
@@ -53,6 +62,19 @@ from deployments.processes import (
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 RECORD, OVERLAY, ENV_FILE = "stack.json", "stack.yaml", "stack.env"
+MLFLOW_ADMIN, MLFLOW_USER = "admin", "soups"
+ADMIN_PASSWORD, MLFLOW_PASSWORD, PREFECT_AUTH = (
+    "SOUPS_MLFLOW_ADMIN_PASSWORD",
+    "SOUPS_MLFLOW_PASSWORD",
+    "SOUPS_PREFECT_AUTH_STRING",
+)
+CLIENT_VARIABLES = {
+    PASSWORD_VARIABLE: ("PGPASSWORD", "the stack database password"),
+    MLFLOW_PASSWORD: ("MLFLOW_TRACKING_PASSWORD", f"the MLflow password of user {MLFLOW_USER}"),
+    PREFECT_AUTH: ("PREFECT_API_AUTH_STRING", "the Prefect server user:password"),
+}
+"""What stack.env exports each secret to for clients (MLflow's, Prefect's and libpq's own variables)."""
+AUTH_FOLDER = "mlflow-auth"
 
 
 @dataclass(frozen=True)
@@ -65,6 +87,25 @@ class StackOptions:
     mlflow_port: int = 0
     prefect_port: int = 0
     timeout: float = 180.0
+    auth: bool = False  # implied off loopback: see wants_auth
+
+
+@dataclass(frozen=True)
+class Auth:
+    """The credentials of a stack with authentication on."""
+
+    admin_password: str
+    mlflow_password: str
+    prefect: str  # user:password, as Prefect takes it
+
+    @property
+    def mlflow_admin(self) -> str:
+        return f"{MLFLOW_ADMIN}:{self.admin_password}"
+
+    def client_environment(self) -> dict[str, str]:
+        """What a worker (and its flow runs) needs to talk to both servers."""
+        mlflow = {"MLFLOW_TRACKING_USERNAME": MLFLOW_USER, "MLFLOW_TRACKING_PASSWORD": self.mlflow_password}
+        return {**mlflow, "PREFECT_API_AUTH_STRING": self.prefect}
 
 
 @dataclass(frozen=True)
@@ -75,14 +116,33 @@ class Stack:
     prefect_api: str
     optuna_storage: str
     generated_password: bool
+    auth: bool
 
 
 # --- MLflow and Prefect --------------------------------------------------------------------------------------
 
 
-def start_mlflow(root: Path, host: str, port: int, database: str, password: str) -> Started:
-    """``mlflow server`` on PostgreSQL, serving artifacts from DIR/artifacts (clients upload through it). Its
-    GenAI job runner (seven more processes) stays off unless the environment turns it on."""
+def write_auth_config(root: Path) -> Path:
+    """DIR/mlflow-auth/basic_auth.ini, without a password (the admin's comes through MLFLOW_AUTH_ADMIN_PASSWORD,
+    read only when the user database is new). ``default_permission = MANAGE``: the only users are the stack's
+    admin and ``soups``, and ``soups`` must be able to write to experiments and models it did not create (an
+    earlier store, or ones made in the UI); a user added later gets MANAGE too unless given grants."""
+    folder = root / AUTH_FOLDER
+    folder.mkdir(exist_ok=True)
+    config = folder / "basic_auth.ini"
+    lines = ["[mlflow]", "default_permission = MANAGE", f"database_uri = sqlite:///{folder / 'basic_auth.db'}"]
+    lines += [
+        f"admin_username = {MLFLOW_ADMIN}",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+    ]
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+def start_mlflow(root: Path, host: str, port: int, database: str, password: str, auth: Auth | None) -> Started:
+    """``mlflow server`` on PostgreSQL, serving artifacts from DIR/artifacts (clients upload through it), with
+    its basic-auth app when ``auth`` is given. Its GenAI job runner (seven more processes) stays off unless the
+    environment turns it on."""
     argv = [
         tool_path("mlflow", "mlflow"),
         "server",
@@ -98,29 +158,57 @@ def start_mlflow(root: Path, host: str, port: int, database: str, password: str)
         str(min(4, os.cpu_count() or 1)),
     ]
     jobs = os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    env = child_environment(PGPASSWORD=password, MLFLOW_SERVER_ENABLE_JOB_EXECUTION=jobs)
+    secured = {}
+    if auth:
+        argv += ["--app-name", "basic-auth"]
+        secured = {"MLFLOW_AUTH_CONFIG_PATH": str(write_auth_config(root))}
+        secured["MLFLOW_AUTH_ADMIN_PASSWORD"] = auth.admin_password
+        secured["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_urlsafe(32)  # CSRF tokens of the UI's forms
+    env = child_environment(PGPASSWORD=password, MLFLOW_SERVER_ENABLE_JOB_EXECUTION=jobs, **secured)
     return launch(root, "mlflow", argv, env, f"http://{netloc(host, port)}")
 
 
-def _prefect_environment(root: Path, api: str, **extra: str) -> dict[str, str]:
-    return child_environment(PREFECT_HOME=str(root / "prefect"), PREFECT_API_URL=api, **extra)
+def ensure_mlflow_user(root: Path, mlflow: str, auth: Auth) -> None:
+    """The ``soups`` user with the password of this ``up`` (created, or its password updated), as the admin."""
+    users = f"{mlflow}/api/2.0/mlflow/users"
+    body = {"username": MLFLOW_USER, "password": auth.mlflow_password}
+    status, _ = http_request(f"{users}/create", body, auth.mlflow_admin)
+    if status != 200:
+        status, _ = http_request(f"{users}/update-password", body, auth.mlflow_admin, "PATCH")
+    if status == 401:
+        raise StackError(
+            f"mlflow: the admin of the user database in {root / AUTH_FOLDER} refused the password in "
+            f"{ADMIN_PASSWORD}; set it to the one that database was created with"
+        )
+    if status != 200:
+        raise StackError(f"mlflow: setting the password of user {MLFLOW_USER!r} answered HTTP {status}")
 
 
-def start_prefect_server(root: Path, host: str, port: int, database: str, password: str) -> Started:
-    """``prefect server start`` (API, UI and services) on PostgreSQL, its home under DIR."""
+def _prefect_environment(root: Path, api: str, auth: Auth | None, **extra: str) -> dict[str, str]:
+    """A Prefect client's environment: its home under DIR, the stack's API, and both servers' credentials."""
+    credentials = auth.client_environment() if auth else {}
+    return child_environment(PREFECT_HOME=str(root / "prefect"), PREFECT_API_URL=api, **credentials, **extra)
+
+
+def start_prefect_server(root: Path, host: str, port: int, database: str, password: str, auth: Auth | None) -> Started:
+    """``prefect server start`` (API, UI and services) on PostgreSQL, its home under DIR; with ``auth``, every
+    API call but the health check needs its user:password."""
     argv = [tool_path("prefect", "prefect-server"), "server", "start", "--host", host, "--port", str(port)]
     api = f"http://{netloc(host, port)}/api"
     url = database_url(database, "prefect", "asyncpg")
-    env = _prefect_environment(root, api, PGPASSWORD=password, PREFECT_SERVER_DATABASE_CONNECTION_URL=url)
+    secured = {"PREFECT_SERVER_API_AUTH_STRING": auth.prefect} if auth else {}
+    env = _prefect_environment(
+        root, api, auth, PGPASSWORD=password, PREFECT_SERVER_DATABASE_CONNECTION_URL=url, **secured
+    )
     return launch(root, "prefect-server", argv, env, api)
 
 
-def ensure_work_pool(api: str, pool: str) -> None:
+def ensure_work_pool(api: str, pool: str, auth: str) -> None:
     """The process work pool with Prefect's default job template; an existing pool is kept as it is."""
     from prefect.workers.process import ProcessWorker
 
     body = {"name": pool, "type": "process", "base_job_template": ProcessWorker.get_default_base_job_template()}
-    status, _ = http_request(f"{api}/work_pools/", body)
+    status, _ = http_request(f"{api}/work_pools/", body, auth)
     if status not in (201, 409):
         raise StackError(f"prefect-server: creating work pool {pool!r} answered HTTP {status}")
 
@@ -130,21 +218,23 @@ def worker_name(service: str) -> str:
     return f"{socket.gethostname()}-{service}"
 
 
-def _is_registered(api: str, pool: str, name: str) -> bool:
+def _is_registered(api: str, pool: str, name: str, auth: str) -> bool:
     """Whether the worker ``name`` has sent the pool its first heartbeat."""
-    _, workers = http_request(f"{api}/work_pools/{pool}/workers/filter", {})
+    _, workers = http_request(f"{api}/work_pools/{pool}/workers/filter", {}, auth)
     return any(worker["name"] == name for worker in workers or [])
 
 
-def start_worker(root: Path, api: str, pool: str, service: str, password: str, gpu: str | None) -> Started:
+def start_worker(
+    root: Path, api: str, pool: str, service: str, password: str, gpu: str | None, auth: Auth | None
+) -> Started:
     """``prefect worker start`` taking one flow run at a time (``--limit 1``), on its own GPU when ``gpu`` is
     given (CUDA_VISIBLE_DEVICES), so two trials never share a GPU. Its flow runs inherit PGPASSWORD (Optuna's
-    storage) and SOUPS_CHECKOUT (the deployments' working directory)."""
+    storage), SOUPS_CHECKOUT (the deployments' working directory) and the servers' credentials."""
     argv = [tool_path("prefect", service), "worker", "start", "--pool", pool, "--name", worker_name(service)]
     argv += ["--limit", "1"]
     checkout = os.environ.get("SOUPS_CHECKOUT", str(CHECKOUT))
     devices = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
-    env = _prefect_environment(root, api, PGPASSWORD=password, SOUPS_CHECKOUT=checkout, **devices)
+    env = _prefect_environment(root, api, auth, PGPASSWORD=password, SOUPS_CHECKOUT=checkout, **devices)
     where = f" on GPU {gpu}" if gpu is not None else ""
     return launch(root, service, argv, env, f"pool {pool} as {worker_name(service)}{where}")
 
@@ -161,14 +251,14 @@ def visible_gpus() -> list[str]:
     return [str(index) for index, line in enumerate(listing.stdout.splitlines()) if line.startswith("GPU ")]
 
 
-def deploy_trial(root: Path, api: str, pool: str) -> None:
+def deploy_trial(root: Path, api: str, pool: str, auth: Auth | None) -> None:
     """``prefect deploy`` of the ``trial`` deployment (deployments/prefect.yaml) on ``pool``: what a sweep with
     ``sweep.dispatch: deployment`` starts its trials through."""
     argv = [tool_path("prefect", "prefect-deploy"), "--no-prompt", "deploy", "--name", "trial"]
     argv += ["--pool", pool, "--prefect-file", str(CHECKOUT / "deployments" / "prefect.yaml")]
     log = root / "prefect-deploy.log"
     with log.open("ab") as out:
-        done = subprocess.run(argv, cwd=CHECKOUT, env=_prefect_environment(root, api), stdout=out, stderr=out)
+        done = subprocess.run(argv, cwd=CHECKOUT, env=_prefect_environment(root, api, auth), stdout=out, stderr=out)
     if done.returncode != 0:
         raise StackError(f"prefect-deploy: deploying the trial deployment failed; see {log}")
 
@@ -199,17 +289,29 @@ def _exports(root: Path) -> dict[str, str]:
     return {name: value for name, value in values.items() if not value.startswith("${")}
 
 
-def _saved_password(root: Path) -> str | None:
-    """The password an earlier ``up`` generated into stack.env."""
-    return _exports(root).get(PASSWORD_VARIABLE)
+def _references(root: Path) -> dict[str, str]:
+    """The client variables DIR/stack.env sets from a secret one, each with that secret's name
+    (``export PGPASSWORD="${SOUPS_DB_PASSWORD:?...}"``)."""
+    env_file = root / ENV_FILE
+    text = env_file.read_text() if env_file.exists() else ""
+    return dict(re.findall(r'^export (\w+)="\$\{(\w+):\?', text, re.MULTILINE))
+
+
+def _saved(root: Path, variable: str) -> str | None:
+    """The secret an earlier ``up`` generated into stack.env."""
+    return _exports(root).get(variable)
 
 
 def sourced_environment(root: Path) -> dict[str, str]:
-    """This process's environment as `. DIR/stack.env` leaves it in a shell: the stack's addresses, and the
-    database password as PGPASSWORD (from SOUPS_DB_PASSWORD, or the one ``up`` generated)."""
+    """This process's environment as `. DIR/stack.env` leaves it in a shell: the stack's addresses, the
+    database password as PGPASSWORD and, with auth on, the credentials of both servers (each from its SOUPS_*
+    variable, or the one ``up`` generated)."""
     env = {**os.environ, **_exports(root)}
-    password = os.environ.get(PASSWORD_VARIABLE) or env.get(PASSWORD_VARIABLE)
-    return {**env, "PGPASSWORD": password} if password else env
+    for client, variable in _references(root).items():
+        value = os.environ.get(variable) or env.get(variable)
+        if value:
+            env[client] = value
+    return env
 
 
 def database_password(root: Path) -> tuple[str, bool]:
@@ -217,7 +319,7 @@ def database_password(root: Path) -> tuple[str, bool]:
     generated (then stack.env must keep it)."""
     if os.environ.get(PASSWORD_VARIABLE):
         return os.environ[PASSWORD_VARIABLE], False
-    saved = _saved_password(root)
+    saved = _saved(root, PASSWORD_VARIABLE)
     if saved:
         return saved, True
     if (root / "postgres" / "PG_VERSION").exists():
@@ -226,6 +328,31 @@ def database_password(root: Path) -> tuple[str, bool]:
             f"set {PASSWORD_VARIABLE} to it"
         )
     return secrets.token_urlsafe(24), True
+
+
+def stack_auth(root: Path) -> tuple[Auth, dict[str, str]]:
+    """The credentials from SOUPS_MLFLOW_ADMIN_PASSWORD, SOUPS_MLFLOW_PASSWORD and SOUPS_PREFECT_AUTH_STRING, else
+    those generated earlier, else new ones; and the generated ones (stack.env must keep them)."""
+    fresh = {ADMIN_PASSWORD: "", MLFLOW_PASSWORD: "", PREFECT_AUTH: f"{MLFLOW_USER}:"}
+    values, generated = {}, {}
+    for variable, prefix in fresh.items():
+        values[variable] = os.environ.get(variable) or _saved(root, variable)
+        if not values[variable] and variable == ADMIN_PASSWORD and (root / AUTH_FOLDER / "basic_auth.db").exists():
+            raise StackError(
+                f"mlflow: {root / AUTH_FOLDER} holds users with an admin password not in {root / ENV_FILE}; set "
+                f"{ADMIN_PASSWORD} to it"
+            )
+        if not os.environ.get(variable):
+            values[variable] = generated[variable] = values[variable] or prefix + secrets.token_urlsafe(24)
+    if ":" not in values[PREFECT_AUTH]:
+        raise StackError(f"{PREFECT_AUTH} must be user:password (Prefect's basic auth), e.g. soups:<a long secret>")
+    return Auth(values[ADMIN_PASSWORD], values[MLFLOW_PASSWORD], values[PREFECT_AUTH]), generated
+
+
+def _kept_secrets(root: Path) -> dict[str, str]:
+    """The credentials an earlier ``up`` with auth generated: stack.env keeps them for the next one."""
+    saved = {variable: _saved(root, variable) for variable in (ADMIN_PASSWORD, MLFLOW_PASSWORD, PREFECT_AUTH)}
+    return {variable: value for variable, value in saved.items() if value and not os.environ.get(variable)}
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -237,13 +364,17 @@ def _write_private(path: Path, text: str) -> None:
     partial.replace(path)
 
 
-def write_env(root: Path, generated_password: str | None, exports: dict[str, str] | None = None) -> None:
-    """DIR/stack.env for ``source``: PGPASSWORD from SOUPS_DB_PASSWORD, which it exports only when ``up``
-    generated it, and ``exports``."""
+def write_env(root: Path, generated: dict[str, str], exports: dict[str, str] | None = None, auth: bool = False) -> None:
+    """DIR/stack.env for ``source``: the secrets ``up`` generated (by their SOUPS_* names), PGPASSWORD from
+    SOUPS_DB_PASSWORD and, with ``auth``, MLflow's and Prefect's client credentials from theirs; and
+    ``exports``."""
     lines = [f"# soups stack at {root}: `. {root / ENV_FILE}` in every shell that uses it. Keep it private."]
-    if generated_password:
-        lines.append(f"export {PASSWORD_VARIABLE}={shlex.quote(generated_password)}")
-    lines.append(f'export PGPASSWORD="${{{PASSWORD_VARIABLE}:?set it to the stack database password}}"')
+    lines += [f"export {variable}={shlex.quote(value)}" for variable, value in generated.items()]
+    if auth:
+        lines.append(f"export MLFLOW_TRACKING_USERNAME={MLFLOW_USER}")
+    for variable, (client, what) in CLIENT_VARIABLES.items():
+        if auth or variable == PASSWORD_VARIABLE:
+            lines.append(f'export {client}="${{{variable}:?set it to {what}}}"')
     lines += [f"export {name}={shlex.quote(value)}" for name, value in (exports or {}).items()]
     _write_private(root / ENV_FILE, "\n".join(lines) + "\n")
 
@@ -255,18 +386,36 @@ def write_overlay(root: Path, stack: Stack) -> None:
 
     tracking = {"root": str(root / "data"), "mlflow_uri": stack.mlflow_uri, "optuna_storage": stack.optuna_storage}
     overlay = {"tracking": tracking, "sweep": {"dispatch": "deployment"}}
-    header = f"# Written by `soups stack up`; run `. {root / ENV_FILE}` first (the database password).\n"
+    header = f"# Written by `soups stack up`; run `. {root / ENV_FILE}` first (the passwords).\n"
     (root / OVERLAY).write_text(header + yaml.safe_dump(overlay, sort_keys=False))
 
 
 # --- the stack -----------------------------------------------------------------------------------------------
 
 
-def _check(options: StackOptions) -> None:
+def wants_auth(options: StackOptions) -> bool:
+    """Authentication is on when asked for, and always off loopback: other machines reach the servers there."""
     try:
-        ipaddress.ip_address(options.host)
+        address = ipaddress.ip_address(options.host)
     except ValueError:
         raise StackError(f"--host must be an IP address of this machine, got {options.host!r}") from None
+    return options.auth or not address.is_loopback
+
+
+def _check_auth(options: StackOptions) -> None:
+    """Off loopback the stack never starts without authentication: MLflow's basic-auth app and the Flask-WTF
+    it imports (MLflow's ``auth`` extra) must be installed."""
+    if not entry_points(group="mlflow.app", name="basic-auth") or importlib.util.find_spec("flask_wtf") is None:
+        why = "--auth was given" if options.auth else f"--host {options.host} is not a loopback address"
+        raise StackError(
+            f"authentication is needed ({why}) but MLflow's basic-auth app cannot run here (it needs Flask-WTF); "
+            "pip install 'mlflow[auth]' and start again"
+        )
+
+
+def _check(options: StackOptions) -> None:
+    if wants_auth(options):
+        _check_auth(options)
     if options.workers < 0:
         raise StackError(f"--workers must be 0 or more, got {options.workers}")
     gpus = visible_gpus()
@@ -292,36 +441,44 @@ def _start_database(root: Path, options: StackOptions, password: str, track: Tra
     return netloc(options.host, port)
 
 
-def _start_servers(root: Path, options: StackOptions, database: str, password: str, track: Track) -> tuple[str, str]:
+def _start_servers(
+    root: Path, options: StackOptions, database: str, password: str, auth: Auth | None, track: Track
+) -> tuple[str, str]:
     """MLflow and Prefect, started together and each given the whole timeout to answer; their URLs."""
     host, timeout = options.host, options.timeout
     mlflow, mlflow_process = start_mlflow(
-        root, host, free_port(host, options.mlflow_port, "mlflow"), database, password
+        root, host, free_port(host, options.mlflow_port, "mlflow"), database, password, auth
     )
     track(mlflow)
     prefect_port = free_port(host, options.prefect_port, "prefect-server")
-    prefect, prefect_process = start_prefect_server(root, host, prefect_port, database, password)
+    prefect, prefect_process = start_prefect_server(root, host, prefect_port, database, password, auth)
     track(prefect)
     create_optuna_schema(database, password)  # meanwhile
-    wait_ready(mlflow, mlflow_process, partial(answers, f"{mlflow.address}/health"), "answer /health", timeout)
-    wait_ready(prefect, prefect_process, partial(answers, f"{prefect.address}/health"), "answer /api/health", timeout)
+    mlflow_auth, prefect_auth = (auth.mlflow_admin, auth.prefect) if auth else ("", "")
+    mlflow_ready = partial(answers, f"{mlflow.address}/health", mlflow_auth)
+    wait_ready(mlflow, mlflow_process, mlflow_ready, "answer /health", timeout)
+    if auth:
+        ensure_mlflow_user(root, mlflow.address, auth)
+    prefect_ready = partial(answers, f"{prefect.address}/health", prefect_auth)
+    wait_ready(prefect, prefect_process, prefect_ready, "answer /api/health", timeout)
     return mlflow.address, prefect.address
 
 
-def _start_workers(root: Path, options: StackOptions, api: str, password: str, track: Track) -> None:
+def _start_workers(root: Path, options: StackOptions, api: str, password: str, auth: Auth | None, track: Track) -> None:
     """The work pool, the trial deployment and the workers (one per GPU when there are GPUs), started
     together; returns once each worker has registered with the pool."""
-    ensure_work_pool(api, options.pool)
+    prefect_auth = auth.prefect if auth else ""
+    ensure_work_pool(api, options.pool, prefect_auth)
     gpus = visible_gpus()
     workers = []
     for index in range(1, options.workers + 1):
         gpu = gpus[index - 1] if gpus else None
-        worker, process = start_worker(root, api, options.pool, f"worker-{index}", password, gpu)
+        worker, process = start_worker(root, api, options.pool, f"worker-{index}", password, gpu, auth)
         track(worker)
         workers.append((worker, process))
-    deploy_trial(root, api, options.pool)  # meanwhile
+    deploy_trial(root, api, options.pool, auth)  # meanwhile
     for worker, process in workers:
-        registered = partial(_is_registered, api, options.pool, worker_name(worker.name))
+        registered = partial(_is_registered, api, options.pool, worker_name(worker.name), prefect_auth)
         wait_ready(worker, process, registered, f"register with work pool {options.pool!r}", options.timeout)
 
 
@@ -331,8 +488,11 @@ def up(options: StackOptions) -> Stack:
     root = options.root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     password, generated = database_password(root)
-    if generated:  # kept before initdb uses it, so a failed first `up` cannot lose it
-        write_env(root, password)
+    auth, secrets_made = stack_auth(root) if wants_auth(options) else (None, _kept_secrets(root))
+    kept = {PASSWORD_VARIABLE: password} if generated else {}
+    kept.update(secrets_made)
+    if kept:  # kept before initdb and MLflow use them, so a failed first `up` cannot lose them
+        write_env(root, kept)
     started: list[Service] = []
 
     def track(service: Service) -> None:
@@ -341,18 +501,18 @@ def up(options: StackOptions) -> Stack:
 
     try:
         database = _start_database(root, options, password, track)
-        mlflow_uri, api = _start_servers(root, options, database, password, track)
-        _start_workers(root, options, api, password, track)
+        mlflow_uri, api = _start_servers(root, options, database, password, auth, track)
+        _start_workers(root, options, api, password, auth, track)
     except BaseException:
         for service in reversed(started):
             stop_any(root, service)
         (root / RECORD).unlink(missing_ok=True)
         raise
-    stack = Stack(root, started, mlflow_uri, api, database_url(database, "optuna"), generated)
+    stack = Stack(root, started, mlflow_uri, api, database_url(database, "optuna"), generated, auth is not None)
     write_overlay(root, stack)
     checkout = os.environ.get("SOUPS_CHECKOUT", str(CHECKOUT))
     exports = {"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_uri, "SOUPS_CHECKOUT": checkout}
-    write_env(root, password if generated else None, exports)
+    write_env(root, kept, exports, auth is not None)
     return stack
 
 

@@ -1,5 +1,5 @@
-"""`soups stack`: real PostgreSQL, mlflow server, Prefect server and a worker on 127.0.0.1, started and stopped
-by these tests (the module fixture takes the stack down even when a test fails)."""
+"""`soups stack`: real PostgreSQL, mlflow server, Prefect server and a worker on 127.0.0.1, with authentication
+on, started and stopped by these tests (the module fixture takes the stack down even when a test fails)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,10 +17,23 @@ from pathlib import Path
 import pytest
 
 from cli.main import main
-from deployments.stack import ENV_FILE, PASSWORD_VARIABLE, database_password, down, is_running, recorded
+from deployments.processes import http_request
+from deployments.stack import (
+    ENV_FILE,
+    PASSWORD_VARIABLE,
+    StackOptions,
+    database_password,
+    down,
+    is_running,
+    recorded,
+    sourced_environment,
+    wants_auth,
+)
 from tests.helpers import stack_folder
 
 PLANTED = f"planted-secret-{secrets.token_hex(8)}"
+SOUPS = str(Path(sys.executable).with_name("soups"))
+CLIENT_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
 
 
 def _soups_stack(*argv: str) -> int:
@@ -48,13 +62,20 @@ def _get(url: str) -> int:
 
 @pytest.fixture(scope="module")
 def stack():
+    """A stack with ``--auth``: the database password planted, MLflow's and Prefect's generated into stack.env;
+    this process is then a client of it like a sourced shell (MLflow's and Prefect's credential variables)."""
     root = stack_folder() / "stack"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(PASSWORD_VARIABLE, PLANTED)
+        for variable in ("SOUPS_MLFLOW_ADMIN_PASSWORD", "SOUPS_MLFLOW_PASSWORD", "SOUPS_PREFECT_AUTH_STRING"):
+            patch.delenv(variable, raising=False)
         try:
             started = time.perf_counter()
-            assert _soups_stack("up", "--root", str(root), "--workers", "1") == 0
-            print(f"soups stack up --workers 1: {time.perf_counter() - started:.1f}s")
+            assert _soups_stack("up", "--root", str(root), "--workers", "1", "--auth") == 0
+            print(f"soups stack up --workers 1 --auth: {time.perf_counter() - started:.1f}s")
+            sourced = sourced_environment(root)
+            for variable in CLIENT_VARIABLES:
+                patch.setenv(variable, sourced[variable])
             yield root
         finally:
             down(root)
@@ -96,8 +117,8 @@ def test_every_service_answers(stack, monkeypatch):
     # Prefect: the server, the process work pool and a live worker registered with it.
     api = _service(stack, "prefect-server").address
     assert _get(f"{api}/health") == 200
-    with urllib.request.urlopen(f"{api}/work_pools/soups", timeout=10) as response:
-        assert b'"type":"process"' in response.read().replace(b" ", b"")
+    status, pool = http_request(f"{api}/work_pools/soups", auth=os.environ["PREFECT_API_AUTH_STRING"])
+    assert status == 200 and pool["type"] == "process"
     worker = _service(stack, "worker-1")
     assert is_running(worker)
 
@@ -124,6 +145,97 @@ def test_files_and_status(stack, capsys):
     assert "already running" in capsys.readouterr().err
 
 
+def _secrets(root: Path) -> list[str]:
+    """Every password and auth string of the stack, each as it would appear alone in a file or command line."""
+    sourced = sourced_environment(root)
+    prefect_password = sourced["PREFECT_API_AUTH_STRING"].split(":", 1)[1]
+    return [PLANTED, sourced["SOUPS_MLFLOW_ADMIN_PASSWORD"], sourced["MLFLOW_TRACKING_PASSWORD"], prefect_password]
+
+
+def test_each_server_refuses_a_request_without_the_credentials_of_stack_env(stack):
+    sourced = sourced_environment(stack)
+    mlflow = f"{_service(stack, 'mlflow').address}/api/2.0/mlflow/experiments/search?max_results=1"
+    flow_runs = f"{_service(stack, 'prefect-server').address}/flow_runs/filter"
+    mlflow_user = f"{sourced['MLFLOW_TRACKING_USERNAME']}:{sourced['MLFLOW_TRACKING_PASSWORD']}"
+    assert http_request(mlflow)[0] == 401
+    assert http_request(mlflow, auth=f"{sourced['MLFLOW_TRACKING_USERNAME']}:wrong")[0] == 401
+    assert http_request(mlflow, auth=mlflow_user)[0] == 200
+    assert http_request(flow_runs, {"limit": 1})[0] == 401
+    assert http_request(flow_runs, {"limit": 1}, "soups:wrong")[0] == 401
+    assert http_request(flow_runs, {"limit": 1}, sourced["PREFECT_API_AUTH_STRING"])[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("variable", "named"),
+    [
+        ("MLFLOW_TRACKING_PASSWORD", "refused the credentials in MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"),
+        ("PREFECT_API_AUTH_STRING", "refused PREFECT_API_AUTH_STRING"),
+    ],
+)
+def test_a_client_with_a_wrong_password_gets_one_line_and_writes_nothing(stack, variable, named):
+    files_before = sorted(path for path in stack.rglob("*") if path.is_file() and "postgres" not in path.parts)
+    env = {**sourced_environment(stack), variable: "soups:wrong-password"}
+    argv = [SOUPS, "run", str(stack / "stack.yaml"), "--set", "experiment=auth-check"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1 and "error:" in lines[0], done.stderr
+    assert named in lines[0] and "(401)" in lines[0] and "stack.env" in lines[0], lines[0]
+    assert "Traceback" not in done.stderr + done.stdout and "wrong-password" not in done.stderr
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=_service(stack, "mlflow").address)  # as soups, from the environment
+    assert client.get_experiment_by_name("auth-check") is None
+    files = sorted(path for path in stack.rglob("*") if path.is_file() and "postgres" not in path.parts)
+    assert [path for path in files if path not in files_before and not path.name.endswith(".log")] == []
+
+
+def test_the_credentials_are_in_stack_env_only(stack):
+    env_file = stack / ENV_FILE
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    script = f'. {env_file} && printf "%s\\n"' + "".join(f' "${variable}"' for variable in CLIENT_VARIABLES)
+    unset = {name: value for name, value in os.environ.items() if name not in CLIENT_VARIABLES}
+    shell = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=unset, check=True)
+    sourced = sourced_environment(stack)
+    assert shell.stdout.splitlines() == [sourced[variable] for variable in CLIENT_VARIABLES]
+    assert sourced["MLFLOW_TRACKING_USERNAME"] == "soups" and sourced["PREFECT_API_AUTH_STRING"].startswith("soups:")
+
+    secrets_ = _secrets(stack)
+    assert all(len(secret) >= 16 for secret in secrets_)
+    others = [path for path in stack.rglob("*") if path.is_file() and path != env_file]
+    assert any(path.name == "basic_auth.ini" for path in others) and any(path.suffix == ".log" for path in others)
+    leaks = [(path, s) for path in others for s in secrets_ if s.encode() in path.read_bytes()]
+    assert leaks == []
+    for service in recorded(stack):
+        cmdline = Path(f"/proc/{service.pid}/cmdline").read_bytes().decode()
+        assert "basic-auth" in cmdline or service.name != "mlflow"
+        assert not any(secret in cmdline for secret in secrets_), service.name
+
+
+def _non_loopback_address() -> str | None:
+    """An IPv4 address of this machine on a network (a UDP socket's source address; nothing is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_up_off_loopback_turns_authentication_on_without_auth(tmp_path, monkeypatch, capsys):
+    """`up --host <LAN address>` without --auth takes the authenticated path: it reads the Prefect auth string
+    (and refuses a malformed one, in one line) before any process starts."""
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to listen on")
+    assert wants_auth(StackOptions(tmp_path, host=address)) and not wants_auth(StackOptions(tmp_path))
+    monkeypatch.setenv("SOUPS_PREFECT_AUTH_STRING", "no-user-in-it")
+    assert _soups_stack("up", "--root", str(tmp_path / "stack"), "--host", address, "--workers", "0") == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "SOUPS_PREFECT_AUTH_STRING must be user:password" in error, error
+    assert "no-user-in-it" not in error and not (tmp_path / "stack" / "postgres").exists()
+
+
 def test_down_stops_every_process_and_keeps_the_data(stack, capsys):
     services = recorded(stack)
     assert _soups_stack("down", "--root", str(stack)) == 0
@@ -141,9 +253,9 @@ def test_down_stops_every_process_and_keeps_the_data(stack, capsys):
     assert _soups_stack("down", "--root", str(stack)) == 0
     assert "nothing to stop" in capsys.readouterr().out
 
-    # The password went to the services through their environment only: no log, record or config has it.
-    leaks = [path for path in stack.rglob("*") if path.is_file() and PLANTED.encode() in path.read_bytes()]
-    assert leaks == []
+    # The passwords went to the services through their environment only: no log, record or config has one.
+    others = [path for path in stack.rglob("*") if path.is_file() and path.name != ENV_FILE]
+    assert [path for path in others for secret in _secrets(stack) if secret.encode() in path.read_bytes()] == []
 
 
 @pytest.fixture

@@ -78,7 +78,7 @@ def stores_lock(tracking: TrackingConfig, timeout: float = 600) -> Iterator[None
 
 def check_reachable(tracking: TrackingConfig, timeout: float = 5.0) -> None:
     """Fail at once, in one line, when the tracking URI is an MLflow server nobody answers at (instead of
-    MLflow's minutes of retries on every call)."""
+    MLflow's minutes of retries on every call), or one that refuses this client's credentials."""
     import socket
     from urllib.parse import urlsplit
 
@@ -96,6 +96,34 @@ def check_reachable(tracking: TrackingConfig, timeout: float = 5.0) -> None:
             f"({reason} within {timeout:.0f}s); start it (mlflow server --host {parts.hostname} --port {port} ...) "
             "or point tracking.mlflow_uri at a running one (null: a local sqlite store under tracking.root)"
         ) from None
+    _check_credentials(uri.rstrip("/"), f"{parts.scheme}://{parts.hostname}:{port}", timeout)
+
+
+def _check_credentials(uri: str, shown: str, timeout: float) -> None:
+    """A server with authentication answers 401 to a wrong or missing password: one line naming the variables
+    MLflow reads them from (MLflow itself would fail later, with a traceback, after the first writes)."""
+    import base64
+    import os
+    import urllib.error
+    import urllib.request
+
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1")
+    if user and password:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError as err:
+        if err.code not in (401, 403):
+            return  # not a credentials problem: MLflow's own calls report it
+        given = "" if user and password else ", which are not set"
+        raise TrackingUnavailableError(
+            f"the MLflow server at {shown} refused the credentials in MLFLOW_TRACKING_USERNAME/"
+            f"MLFLOW_TRACKING_PASSWORD{given} ({err.code}): source DIR/stack.env of the stack that serves it "
+            "(`. DIR/stack.env`), or export its user and password"
+        ) from None
+    except OSError:
+        return  # reachable a moment ago: MLflow's own calls report what went wrong
 
 
 def shown_uri(uri: str) -> str:

@@ -1,4 +1,4 @@
-"""Scale-out on a real stack (`soups stack up --workers 2`: PostgreSQL, mlflow server, Prefect server, two
+"""Scale-out on a real stack (`soups stack up --workers 2 --auth`: PostgreSQL, mlflow server, Prefect server, two
 process workers on 127.0.0.1): sweeps whose trials are flow runs of the `trial` deployment, the nightly
 deployment fired by Prefect's scheduler, and a worker lost mid-trial. Everything is driven through the
 commands a user types (`soups`, `prefect deploy`), with the environment `stack.env` gives a shell."""
@@ -33,6 +33,7 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 PASSWORD = "scale-out-test-password"
 SOUPS = str(Path(sys.executable).with_name("soups"))
 PREFECT = str(Path(sys.executable).with_name("prefect"))
+CLIENT_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
 TINY_SPACE = json.dumps(
     {"lr": {"kind": "loguniform", "low": 3e-4, "high": 1e-3}, "epochs": {"kind": "int", "low": 1, "high": 1}}
 )
@@ -50,9 +51,12 @@ def stack():
             started = time.perf_counter()
             # Two GPUs as far as the stack can tell (CPU-only here: torch still finds none and trains on CPU).
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}
-            up = subprocess.run([SOUPS, "stack", "up", "--root", str(root), "--workers", "2"], env=env)
+            up = subprocess.run([SOUPS, "stack", "up", "--root", str(root), "--workers", "2", "--auth"], env=env)
             assert up.returncode == 0
-            print(f"soups stack up --workers 2: {time.perf_counter() - started:.1f}s")
+            print(f"soups stack up --workers 2 --auth: {time.perf_counter() - started:.1f}s")
+            sourced = sourced_environment(root)
+            for variable in CLIENT_VARIABLES:  # this process reads both servers like a sourced shell
+                patch.setenv(variable, sourced[variable])
             yield root
         finally:
             down(root)
@@ -284,15 +288,27 @@ def _trial_training_on(root: Path, worker: str, tracking: dict, timeout: float):
     raise AssertionError(f"no trial started training on {worker} within {timeout}s")
 
 
-def test_the_database_password_is_in_no_file_log_mlflow_param_or_tag_or_prefect_parameter(stack):
-    """Every stage above ran with the password in the environment only: grep everything the stack stored."""
-    leaks = [p for p in stack.rglob("*") if p.is_file() and PASSWORD.encode() in p.read_bytes()]
+def _secrets(root: Path) -> list[str]:
+    """The database password and both servers' credentials, each as it would appear alone."""
+    sourced = sourced_environment(root)
+    prefect_password = sourced["PREFECT_API_AUTH_STRING"].split(":", 1)[1]
+    return [PASSWORD, sourced["SOUPS_MLFLOW_ADMIN_PASSWORD"], sourced["MLFLOW_TRACKING_PASSWORD"], prefect_password]
+
+
+def test_no_password_is_in_a_file_log_mlflow_param_or_tag_or_prefect_parameter(stack):
+    """Every stage above ran with the secrets in the environment (and stack.env, 0600) only: grep everything
+    the stack stored."""
+    secrets_ = _secrets(stack)
+    others = [p for p in stack.rglob("*") if p.is_file() and p.name != "stack.env"]
+    leaks = [(p, n) for p in others for n, secret in enumerate(secrets_) if secret.encode() in p.read_bytes()]
     assert leaks == []  # the servers' and workers' logs (with every flow run's log), records, artifacts, cache
     client = MlflowClient(tracking_uri=_tracking(stack)["mlflow_uri"])
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
     assert len(runs) > 20
-    assert not [r.info.run_id for r in runs if PASSWORD in json.dumps([r.data.params, r.data.tags])]
+    stored = {r.info.run_id: json.dumps([r.data.params, r.data.tags]) for r in runs}
+    assert not [run_id for run_id, text in stored.items() if any(secret in text for secret in secrets_)]
     with _prefect(stack) as prefect_client:
         flow_runs = prefect_client.read_flow_runs(limit=200)
         assert len(flow_runs) > 10
-        assert not [f.name for f in flow_runs if PASSWORD in json.dumps(f.parameters, default=str)]
+        parameters = {f.name: json.dumps(f.parameters, default=str) for f in flow_runs}
+        assert not [name for name, text in parameters.items() if any(secret in text for secret in secrets_)]

@@ -99,10 +99,30 @@ def _run_stage(command: str, config, experiment_id: str) -> None:
         from flows.kitchen import kitchen_flow
 
         _print_summary(config, kitchen_flow(config, experiment_id), time.perf_counter() - started)
+    elif command == "reap":
+        _reap(config, experiment_id)
     else:
         from flows.promote import promote_flow
 
         print(promote_flow(config, experiment_id)["outcome"])
+
+
+def _reap(config, experiment_id: str) -> None:
+    """What killed sweeps left RUNNING, closed now (a running sweep does it every half heartbeat); each lost
+    trial is asked again for the next sweep, which resumes it."""
+    from tasks.adapters.reaping import reap_ghosts, retry_lost
+    from tasks.adapters.studies import open_study
+    from tasks.adapters.tracking import client_for
+    from tasks.context import crash_flow_runs
+
+    study, client = open_study(config), client_for(config.tracking)
+    reaped = reap_ghosts(config, study, client, experiment_id)
+    crash_flow_runs(reaped.flow_runs)
+    retried = retry_lost(study, client, set(reaped.trials))
+    print(
+        f"reaped study {config.study_name!r}: {len(reaped.trials)} trials failed ({len(retried)} asked again for "
+        f"the next sweep), {len(reaped.runs)} MLflow runs and {len(reaped.flow_runs)} Prefect flow runs closed"
+    )
 
 
 def _print_summary(config, kitchen: dict, seconds: float) -> None:
@@ -179,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "kitchen": "cook every configured recipe from the study's registered ingredients and promote the best",
         "promote": "re-score the study's registered soups and promote the best",
         "pretrain": "make the offline pretrained start (contrastive pretraining on the pretrain split)",
+        "reap": "close what killed sweeps left RUNNING (Optuna trials, MLflow runs, Prefect flow runs) now",
     }
     for name, text in stages.items():
         stage = commands.add_parser(name, help=text, description=text)

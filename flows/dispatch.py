@@ -13,7 +13,7 @@ from prefect.futures import PrefectFuture, as_completed
 from soups.config import PipelineConfig
 from soups.runtime import available_cores, trial_slots
 from soups.train import FinetuneInputs
-from tasks.adapters.studies import TrialHeartbeats, fail_stale_trials, still_running
+from tasks.adapters.studies import TrialHeartbeats, still_running
 from tasks.adapters.tracking import fail_run
 from tasks.context import crash_flow_runs
 from tasks.trial import TrialRef, fail_trial, train_ingredient
@@ -88,8 +88,8 @@ class DeploymentMissingError(RuntimeError):
 class DeployedTrials:
     """Trials as flow runs of ``sweep.deployment``, children of the sweep's flow run; any worker of the pool
     takes them and their own process beats their heartbeat. A trial has ended when Optuna says so; one whose
-    flow run ended without telling, or whose heartbeat stopped (a lost worker), is failed here, its MLflow run
-    closed and its flow run marked Crashed."""
+    flow run ended without telling is failed here and its MLflow run closed; one the sweep's reaper failed (its
+    heartbeat stopped: a lost worker) gets its flow run marked Crashed."""
 
     def __init__(self, config: PipelineConfig, study: optuna.Study, mlflow_client) -> None:
         from prefect.client.orchestration import get_client
@@ -142,11 +142,14 @@ class DeployedTrials:
                 if self._ended(trial, flow_run_id, started):
                     del self._running[number]
                     return trial, time.perf_counter() - started
-            self._fail_lost_trials()
             time.sleep(self._config.sweep.poll_seconds)
 
     def _ended(self, trial: optuna.Trial, flow_run_id, started: float) -> bool:
-        if not still_running(trial):
+        told = self._study._storage.get_trial(trial._trial_id)
+        if told.state != optuna.trial.TrialState.RUNNING:
+            reason = str(told.user_attrs.get("fail_reason", ""))
+            if reason.startswith("process died"):  # the reaper found its process gone: so is its flow run
+                crash_flow_runs({str(flow_run_id): reason})
             return True
         state = self._prefect.read_flow_run(flow_run_id).state
         if state is None or not state.is_final():
@@ -160,17 +163,6 @@ class DeployedTrials:
             fail_trial(trial, RuntimeError(f"its flow run ended {state.name}: {message}"))
             self._close_run(trial, f"its flow run ended {state.name}")
         return True
-
-    def _fail_lost_trials(self) -> None:
-        """Trials whose heartbeat stopped (their worker was lost) are failed, their runs closed, their flow runs
-        marked Crashed; the next `wait` reports them."""
-        for number, reason in fail_stale_trials(self._study).items():
-            if number not in self._running:
-                continue
-            trial, flow_run_id, _ = self._running[number]
-            print(f"trial {number} failed: {reason}")
-            self._close_run(trial, reason)
-            crash_flow_runs({str(flow_run_id): reason})
 
     def _close_run(self, trial: optuna.Trial, reason: str) -> None:
         run_id = self._study._storage.get_trial(trial._trial_id).user_attrs.get("mlflow_run_id")

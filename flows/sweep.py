@@ -14,7 +14,7 @@ from soups.config import PipelineConfig
 from soups.pretrain import with_resolved_start
 from soups.runtime import resolve_device
 from soups.train import prepare_finetune
-from tasks.adapters.reaping import reap_ghosts
+from tasks.adapters.reaping import Reaper, process_tags, reap_ghosts, retry_lost
 from tasks.adapters.starts import publish_start
 from tasks.adapters.studies import TrialHeartbeats, open_study, sample_params
 from tasks.adapters.tracking import client_for, ensure_experiment, log_context, run_url, tracked_run
@@ -29,27 +29,31 @@ from tasks.trial import TrialOutcome, TrialRef, fail_trial
     task_runner=ThreadPoolTaskRunner(max_workers=16),
 )
 def sweep_flow(config: PipelineConfig, experiment_id: str | None = None) -> dict:
-    """Run ``sweep.n_trials`` more trials of the study; returns what finished, failed and was pruned. Some
-    failed trials are fine; none finished raises `NoTrialFinishedError` (the flow run fails). First it reaps
-    what killed sweeps left behind (see `reap_ghosts`). Trials run where ``sweep.dispatch`` says (flows/dispatch.py).
+    """Run ``sweep.n_trials`` more trials of the study, plus a retry of each lost trial it finds; returns what
+    finished, failed and was pruned. Some failed trials are fine; none finished raises `NoTrialFinishedError`
+    (the flow run fails). It reaps what killed sweeps left behind (see `reap_ghosts`) first and every half
+    heartbeat. Trials run where ``sweep.dispatch`` says (flows/dispatch.py).
     ``experiment_id``: the experiment the command that starts this flow ensured (a deployed run ensures it here)."""
     config = with_resolved_start(config)
     experiment_id = experiment_id or ensure_experiment(config)
     study = open_study(config)
     client = client_for(config.tracking)
-    crash_flow_runs(reap_ghosts(config, study, client, experiment_id))
-    tags = {"kind": "sweep", "study": config.study_name, **run_context("flows/sweep.py:sweep_flow")}
+    reaped = reap_ghosts(config, study, client, experiment_id)
+    crash_flow_runs(reaped.flow_runs)
+    retry_lost(study, client, set(reaped.trials))
+    tags = {"kind": "sweep", "study": config.study_name, **process_tags(), **run_context("flows/sweep.py:sweep_flow")}
     with tracked_run(client, experiment_id, f"sweep-{config.study_name}", tags) as parent_run_id:
         log_context(client, parent_run_id, config)
         create_link_artifact(run_url(config.tracking, client, parent_run_id), f"MLflow run sweep-{config.study_name}")
-        with TrialHeartbeats(study) as heartbeats:
+        reaper = Reaper(config, study, client, experiment_id, parent_run_id, crash_flow_runs)
+        with TrialHeartbeats(study) as heartbeats, reaper:
             if config.sweep.dispatch == "deployment":
                 config = _portable(config, client, experiment_id)
                 trials: Trials = DeployedTrials(config, study, client)
             else:
                 inputs = prepare_finetune(config.finetune_config(), resolve_device(config.train.device))
                 trials = LocalTrials(config, study, inputs, heartbeats)
-            outcomes, failures = _run_trials(config, study, experiment_id, parent_run_id, trials)
+            outcomes, failures = _run_trials(config, study, experiment_id, parent_run_id, trials, reaper, client)
         _log_summary(client, parent_run_id, outcomes, failures)
         if not outcomes:
             raise NoTrialFinishedError(_nothing_finished(config, failures))
@@ -82,14 +86,23 @@ def _nothing_finished(config: PipelineConfig, failures: dict[int, str]) -> str:
 
 
 def _run_trials(
-    config: PipelineConfig, study: optuna.Study, experiment_id: str, parent_run_id: str, trials: Trials
+    config: PipelineConfig,
+    study: optuna.Study,
+    experiment_id: str,
+    parent_run_id: str,
+    trials: Trials,
+    reaper: Reaper,
+    client,
 ) -> tuple[list[TrialOutcome], dict[int, str]]:
-    """Ask, start up to ``parallel`` trials, record each as it ends. A trial lost with its process (no heartbeat,
-    a crashed flow run) is asked again once with the same parameters, so a lost worker does not shrink the sweep."""
+    """Ask, start up to ``parallel`` trials, record each as it ends. A trial lost with its process (this sweep's,
+    found by `wait`, or any sweep's, found by the reaper) is asked again once with the same parameters and
+    resumes from its last training state, so a lost worker does not shrink the sweep. Retries waiting in the
+    study when it starts (a killed sweep's, or `soups reap`'s) are run on top of ``n_trials``."""
     progress = create_progress_artifact(0.0, description=f"trials of study {config.study_name}")
     outcomes: list[TrialOutcome] = []
     failures: dict[int, str] = {}
-    wanted, asked = config.sweep.n_trials, 0
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    wanted, asked = config.sweep.n_trials + sum("retry_of" in t.user_attrs for t in waiting), 0
     try:
         while asked < wanted or len(trials):
             while asked < wanted and len(trials) < trials.capacity:
@@ -105,6 +118,7 @@ def _run_trials(
                     number=trial.number,
                     experiment_id=experiment_id,
                     parent_run_id=parent_run_id,
+                    resume_run_id=trial.user_attrs.get("resume_run_id"),
                 )
                 try:
                     trials.start(trial, ref, params)
@@ -115,23 +129,13 @@ def _run_trials(
             trial, wall_seconds = trials.wait()
             ended = study._storage.get_trial(trial._trial_id)
             _record(ended, wall_seconds, outcomes, failures)
-            if _lost(ended) and "retry_of" not in ended.user_attrs:
-                retry = {"retry_of": ended.number, "seed": ended.user_attrs["seed"]}
-                study.enqueue_trial(ended.params, user_attrs=retry)
-                wanted += 1
-                print(f"trial {ended.number} was lost with its process: asking its parameters again")
+            wanted += len(retry_lost(study, client, reaper.take() | {ended.number}))
             done = len(outcomes) + len(failures)
             update_progress_artifact(progress, 100.0 * done / wanted)
             print(f"trials done {done}/{wanted} ({len(failures)} failed or pruned)")
     finally:
         trials.abandon()
     return outcomes, failures
-
-
-def _lost(trial: FrozenTrial) -> bool:
-    """Failed because its process or machine went away, not because of what it computed."""
-    reason = str(trial.user_attrs.get("fail_reason", ""))
-    return trial.state == TrialState.FAIL and (reason.startswith("process died") or "flow run ended Crashed" in reason)
 
 
 def _log_summary(client, run_id: str, outcomes: list[TrialOutcome], failures: dict[int, str]) -> None:

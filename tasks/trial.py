@@ -33,6 +33,7 @@ from tasks.adapters.tracking import (
     register_ingredient,
     tracked_run,
 )
+from tasks.adapters.training_states import delete_states, latest_state, state_uploader
 from tasks.context import run_context
 
 EPOCH_METRICS = ("train_loss", "heldout_accuracy", "heldout_loss")
@@ -47,6 +48,8 @@ class TrialRef(BaseModel):
     number: int
     experiment_id: str
     parent_run_id: str
+    resume_run_id: str | None = None
+    """A retry's lost run: training resumes from that run's last training state (tasks/adapters/training_states.py)."""
 
 
 class TrialOutcome(BaseModel):
@@ -133,14 +136,23 @@ def _train_and_register(
     flat = {**flat_params(finetune_config.model_dump(mode="json")), **flat_params(params, "sampled.")}
     log_params(client, run_id, flat)
     log_dataset_input(client, run_id, config, "train", inputs.train.labels, "training")
-    checkpoint = config.tracking.checkpoint_dir() / f"{ref.study_name}-trial-{ref.number}.safetensors"
-    train_started = time.perf_counter()
-    result = finetune(
-        finetune_config,
-        inputs,
-        checkpoint,
-        on_epoch=_epoch_reporter(client, run_id, trial, ref, config, finetune_config.train.epochs),
-    )
+    staging = config.tracking.checkpoint_dir()
+    staging.mkdir(parents=True, exist_ok=True)
+    checkpoint = staging / f"{ref.study_name}-trial-{ref.number}.safetensors"
+    try:
+        resume = _resumed_state(client, run_id, ref, trial, finetune_config, staging)
+        train_started = time.perf_counter()
+        result = finetune(
+            finetune_config,
+            inputs,
+            checkpoint,
+            on_epoch=_epoch_reporter(client, run_id, trial, ref, config, finetune_config.train.epochs),
+            on_state=state_uploader(client, run_id, staging) if finetune_config.train.checkpoint_every else None,
+            resume=resume,
+        )
+    except BaseException:
+        _drop_states(client, run_id)  # a trial failed (or pruned) in its own process is never resumed
+        raise
     train_seconds = time.perf_counter() - train_started
     log_params(client, run_id, flat_params(result.runtime, "runtime."))
     for key, value in result.metrics.items():
@@ -176,7 +188,40 @@ def _train_and_register(
         ),
         model_id=model_id,
     )
+    for states_of in (run_id, ref.resume_run_id):
+        if states_of:
+            _drop_states(client, states_of)
     return result.metrics["heldout_accuracy"], str(version.version), train_seconds
+
+
+def _resumed_state(client, run_id: str, ref: TrialRef, trial, finetune_config, staging):
+    """A retry's start: its lost run's last training state, its curves continued in this run and its reports in
+    Optuna, both runs tagged with the link. None (train from the start) when the lost run saved no usable state."""
+    if ref.resume_run_id is None:
+        return None
+    state = latest_state(client, ref.resume_run_id, staging)
+    if state is None or state.config != finetune_config.model_dump_json():
+        why = "saved no training state" if state is None else "saved a state of another config"
+        print(f"trial {ref.number}: the lost run {ref.resume_run_id} {why}; training from the first epoch")
+        return None
+    client.set_tag(run_id, "resumed_from_run", ref.resume_run_id)
+    client.set_tag(run_id, "resumed_after_epoch", str(state.epoch))
+    client.set_tag(ref.resume_run_id, "resumed_by_run", run_id)
+    for report in state.history:
+        for key in EPOCH_METRICS:
+            client.log_metric(run_id, key, getattr(report, key), step=report.epoch)
+        trial.report(report.heldout_accuracy, report.epoch)
+    epochs = finetune_config.train.epochs
+    print(f"trial {ref.number}: resuming the lost run {ref.resume_run_id} after epoch {state.epoch}/{epochs}")
+    return state
+
+
+def _drop_states(client, run_id: str) -> None:
+    """Delete a run's training states; a failure here is reported, never raised over the trial's own end."""
+    try:
+        delete_states(client, run_id)
+    except Exception as err:  # noqa: BLE001 - the states are only storage: the trial's outcome stands
+        print(f"training states of run {run_id} not deleted: {type(err).__name__}: {err}")
 
 
 def _epoch_reporter(client, run_id: str, trial, ref: TrialRef, config: PipelineConfig, epochs: int):

@@ -1,28 +1,55 @@
-"""What sweeps killed mid-way (SIGKILL, OOM, a lost machine) leave behind, closed at the next sweep's start:
-Optuna trials without a heartbeat, the MLflow runs of ended trials and sweeps still RUNNING, and half-written
-checkpoint temporaries. Nothing a live sweep holds is touched."""
+"""What sweeps killed mid-way (SIGKILL, OOM, a lost machine) leave behind, closed when a sweep starts, every
+half heartbeat while one runs (`Reaper`) and on demand (`soups reap`): Optuna trials whose process is gone or
+whose heartbeat stopped, the MLflow runs of ended trials and sweeps still RUNNING, and half-written checkpoint
+temporaries. Nothing a live sweep holds is touched. A lost trial is asked again once (`retry_lost`) and the
+retry resumes from the lost run's last training state (tasks/trial.py)."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from soups.config import PipelineConfig
+from tasks.adapters.liveness import KEYS, described, is_gone, this_process
 from tasks.adapters.studies import fail_stale_trials, grace_seconds
 from tasks.adapters.tracking import FLOW_RUN_TAG, fail_run
+from tasks.adapters.training_states import delete_states
+
+PROCESS_TAG = "process."
+"""A sweep run's tags ``process.host``, ``process.pid``, ...: the process that holds it (see liveness.py)."""
 
 
-def reap_ghosts(config: PipelineConfig, study: optuna.Study, client, experiment_id: str) -> dict[str, str]:
+def process_tags() -> dict[str, str]:
+    return {PROCESS_TAG + key: value for key, value in this_process().items()}
+
+
+@dataclass
+class Reaped:
+    trials: dict[int, str] = field(default_factory=dict)
+    """Trials failed here, number -> reason (all of them lost with their process)."""
+    runs: dict[str, str] = field(default_factory=dict)
+    """MLflow runs marked FAILED here, run id -> reason."""
+    flow_runs: dict[str, str] = field(default_factory=dict)
+    """Prefect flow runs whose process is gone (id -> reason), for `crash_flow_runs`."""
+
+
+def reap_ghosts(
+    config: PipelineConfig, study: optuna.Study, client, experiment_id: str, own_run_id: str | None = None
+) -> Reaped:
     """Close what sweeps killed mid-way (SIGKILL, OOM, a lost machine) left behind, so nothing stays RUNNING:
-    trials with no heartbeat for the grace period are told FAIL; the MLflow runs of ended trials still RUNNING
-    and sweep runs left RUNNING whose trials all ended become FAILED with a ``failure_reason``; checkpoint
-    temporaries older than the grace period are deleted. Live sweeps (heartbeats, recent activity) are left.
-    Returns the Prefect flow runs those runs came from (id -> reason): their process is gone too."""
-    dead_flow_runs: dict[str, str] = {}
+    trials whose process is gone (this host) or with no heartbeat for the grace period are told FAIL; the MLflow
+    runs of ended trials still RUNNING, and sweep runs left RUNNING whose trials all ended and whose process is
+    gone or silent, become FAILED with a ``failure_reason``; checkpoint temporaries older than the grace period
+    are deleted. Live sweeps (their process, heartbeats, recent activity) and ``own_run_id`` are left."""
+    reaped = Reaped()
     grace = grace_seconds(config.sweep.heartbeat_seconds)
-    reasons = fail_stale_trials(study)
+    reasons = reaped.trials = fail_stale_trials(study)
     for number, reason in sorted(reasons.items()):
         print(f"trial {number} failed: {reason}")
     trials = study.get_trials(deepcopy=False)
@@ -44,15 +71,14 @@ def reap_ghosts(config: PipelineConfig, study: optuna.Study, client, experiment_
         reason = reasons.get(trial.number) or (
             f"process died: trial {trial.number} ended {trial.state.name} in the study while this run was RUNNING"
         )
-        fail_run(client, run.info.run_id, reason)
+        _close(reaped, client, run, reason)
         print(f"MLflow run {run.info.run_id} of trial {trial.number} marked FAILED: {reason}")
-        _note_flow_run(dead_flow_runs, run, reason)
     for trial in trials:
         if "sweep_run_id" in trial.user_attrs:
             trial_runs.setdefault(trial.user_attrs["sweep_run_id"], []).append(trial.number)
     now = time.time()
     for run in running:
-        if run.data.tags.get("kind") != "sweep":
+        if run.data.tags.get("kind") != "sweep" or run.info.run_id == own_run_id:
             continue
         own = [by_number[n] for n in trial_runs.get(run.info.run_id, [])]
         if any(not t.state.is_finished() for t in own):
@@ -61,8 +87,11 @@ def reap_ghosts(config: PipelineConfig, study: optuna.Study, client, experiment_
         stale = [t.number for t in own if str(t.user_attrs.get("fail_reason", "")).startswith("process died")]
         ended = [t.datetime_complete.timestamp() for t in own if t.datetime_complete]
         last = max(ended, default=run.info.start_time / 1000)
-        if stale:  # its heartbeats stopped: the process that held this run is gone
-            reason = f"process died: the sweep's trial {stale[0]} lost its heartbeat; its trials ({numbers}) all ended"
+        process = {key: run.data.tags.get(PROCESS_TAG + key, "") for key in KEYS}
+        if is_gone(process):
+            reason = f"process died: the sweep's {described(process)} is gone; its trials ({numbers}) all ended"
+        elif stale:  # its trials' processes died: the process that held this run is gone
+            reason = f"process died: the sweep's trial {stale[0]} lost its process; its trials ({numbers}) all ended"
         elif now - last > grace:
             reason = (
                 f"process died: the sweep ended without closing its run; its trials ({numbers}) all ended and "
@@ -70,18 +99,95 @@ def reap_ghosts(config: PipelineConfig, study: optuna.Study, client, experiment_
             )
         else:
             continue  # a live sweep between two trials, or just started
-        fail_run(client, run.info.run_id, reason)
+        _close(reaped, client, run, reason)
         print(f"sweep run {run.info.run_id} marked FAILED: {reason}")
-        _note_flow_run(dead_flow_runs, run, reason)
     _remove_stale_temporaries(config.tracking.checkpoint_dir(), grace)
-    return dead_flow_runs
+    return reaped
 
 
-def _note_flow_run(dead: dict[str, str], run, reason: str) -> None:
-    """The Prefect flow run an MLflow run was made in (its ``prefect.flow_run_id`` tag), if any."""
+def lost(trial: FrozenTrial) -> bool:
+    """Failed because its process or machine went away, not because of what it computed."""
+    reason = str(trial.user_attrs.get("fail_reason", ""))
+    return trial.state == TrialState.FAIL and (reason.startswith("process died") or "flow run ended Crashed" in reason)
+
+
+def retry_lost(study: optuna.Study, client, numbers: set[int]) -> list[int]:
+    """Ask again, once, each lost trial among ``numbers`` that has no retry yet: same parameters and seed, and
+    the lost run to resume from. A lost retry is not asked again, and its states and its lost run's are deleted
+    (nobody will resume them). Returns the numbers retried."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    asked: list[int] = []
+    for trial in sorted((t for t in trials if t.number in numbers and lost(t)), key=lambda t: t.number):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if trial.number in retried:
+            continue
+        if "retry_of" in trial.user_attrs:
+            for states_of in (run_id, trial.user_attrs.get("resume_run_id")):
+                if states_of:
+                    delete_states(client, states_of)
+            continue
+        retry = {"retry_of": trial.number, "seed": trial.user_attrs["seed"]}
+        study.enqueue_trial(trial.params, user_attrs=retry | ({"resume_run_id": run_id} if run_id else {}))
+        asked.append(trial.number)
+        print(f"trial {trial.number} was lost with its process: asking its parameters again, to resume its run")
+    return asked
+
+
+class Reaper:
+    """`reap_ghosts` every half heartbeat in a daemon thread while a sweep runs, so no ghost outlives twice the
+    heartbeat while any sweep of the study runs. The sweep takes the trials it failed (`take`) to retry them."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        study: optuna.Study,
+        client,
+        experiment_id: str,
+        own_run_id: str,
+        crash: Callable[[dict[str, str]], None],
+    ) -> None:
+        self._args = (config, study, client, experiment_id, own_run_id)
+        self._crash = crash
+        self._every = max(1.0, config.sweep.heartbeat_seconds / 2)
+        self._failed: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._reap, name="ghost-reaper", daemon=True)
+
+    def __enter__(self) -> Reaper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def take(self) -> set[int]:
+        with self._lock:
+            failed, self._failed = self._failed, set()
+        return failed
+
+    def _reap(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                reaped = reap_ghosts(*self._args)
+                self._crash(reaped.flow_runs)
+            except Exception as err:  # noqa: BLE001 - a store briefly away (a restart): the next round retries
+                print(f"reaping ghosts failed, retrying in {self._every:.0f}s: {type(err).__name__}: {err}")
+                continue
+            with self._lock:
+                self._failed |= set(reaped.trials)
+
+
+def _close(reaped: Reaped, client, run, reason: str) -> None:
+    """Mark a dead process's run FAILED; the Prefect flow run it was made in (its ``prefect.flow_run_id`` tag),
+    if any, is dead too."""
+    fail_run(client, run.info.run_id, reason)
+    reaped.runs[run.info.run_id] = reason
     flow_run_id = run.data.tags.get(FLOW_RUN_TAG)
     if flow_run_id:
-        dead.setdefault(flow_run_id, reason)
+        reaped.flow_runs.setdefault(flow_run_id, reason)
 
 
 def _remove_stale_temporaries(folder: Path, grace: float) -> None:

@@ -12,6 +12,7 @@ import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
 from soups.config import Distribution, PipelineConfig
+from tasks.adapters.liveness import described, is_gone, this_process
 
 # The sweep asks and tells with heartbeats on purpose (it beats itself: see TrialHeartbeats).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
@@ -133,7 +134,8 @@ class TrialHeartbeats:
     the study's storage, so the next sweep can tell a trial whose process died from one still training.
 
     Optuna beats only inside ``study.optimize``; the sweep asks and tells, so it beats here. A trial's first
-    heartbeat is written when it is added (a trial without any heartbeat is never found stale)."""
+    heartbeat is written when it is added (a trial without any heartbeat is never found stale), with the name of
+    this process (user attr ``process``), so a sweep on this host can tell at once when it is gone."""
 
     def __init__(self, study: optuna.Study) -> None:
         self._storage = study._storage
@@ -155,6 +157,7 @@ class TrialHeartbeats:
             self._thread.join(timeout=30)
 
     def add(self, trial: optuna.Trial) -> None:
+        self._storage.set_trial_user_attr(trial._trial_id, "process", this_process())
         if self._interval:
             self._storage.record_heartbeat(trial._trial_id)
             with self._lock:
@@ -176,23 +179,28 @@ class TrialHeartbeats:
 
 
 def fail_stale_trials(study: optuna.Study) -> dict[int, str]:
-    """Fail the running trials whose process died: no heartbeat for the grace period. Like
-    ``optuna.storages.fail_stale_trials``, but each gets a ``fail_reason`` user attr first (a finished trial's
-    attrs cannot change). Returns trial number -> reason for the trials failed here; nothing without heartbeats
-    (journal storage). Trials failed meanwhile by another sweep are left to it."""
-    interval = _heartbeat_interval(study)
-    if not interval:
-        return {}
+    """Fail the running trials whose process died: on this host, those whose process is gone (at once); on any
+    host, those with no heartbeat for the grace period. Like ``optuna.storages.fail_stale_trials``, but each gets
+    a ``fail_reason`` user attr first (a finished trial's attrs cannot change). Returns trial number -> reason for
+    the trials failed here; trials failed meanwhile by another sweep are left to it."""
     storage = study._storage
-    grace = grace_seconds(interval)
+    reasons: dict[int, str] = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        process = trial.user_attrs.get("process")
+        if isinstance(process, dict) and is_gone(process):
+            reasons[trial._trial_id] = f"process died: trial {trial.number}'s {described(process)} is gone"
+    interval = _heartbeat_interval(study)
+    if interval:
+        for trial_id in storage._get_stale_trial_ids(study._study_id):
+            number = storage.get_trial_number_from_id(trial_id)
+            reason = f"process died: trial {number} had no heartbeat for more than {grace_seconds(interval)}s"
+            reasons.setdefault(trial_id, reason)
     failed: dict[int, str] = {}
-    for trial_id in storage._get_stale_trial_ids(study._study_id):
-        number = storage.get_trial_number_from_id(trial_id)
-        reason = f"process died: trial {number} had no heartbeat for more than {grace}s"
+    for trial_id, reason in reasons.items():
         try:
             storage.set_trial_user_attr(trial_id, "fail_reason", reason)
             if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                failed[number] = reason
+                failed[storage.get_trial_number_from_id(trial_id)] = reason
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return failed

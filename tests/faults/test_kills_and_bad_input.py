@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -137,13 +138,31 @@ def test_a_sweep_where_no_trial_finishes_fails_with_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------ no ghosts
 
 
-def test_a_killed_sweep_is_reaped_by_the_next_and_leaves_no_server(tmp_path):
+def _wait_for_a_training_state(root: Path, process: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    """Until a trial's run holds a committed training state of its second epoch (its mark uploaded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the sweep ended early:\n{log.read_text()[-3000:]}"
+        if list((root / "artifacts").glob("*/artifacts/training/epoch-0002.json")):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no training state of epoch 2 within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _epochs_logged(output: str, number: int) -> list[int]:
+    return [int(epoch) for epoch in re.findall(rf"trial {number}: epoch (\d+)/4 ", output)]
+
+
+def test_a_killed_sweep_restarted_at_once_leaves_no_ghost_and_its_lost_trial_resumes(tmp_path):
+    """SIGKILL mid-trial, then `soups sweep` again at once with the default heartbeat (60 s): the killed sweep's
+    trial, runs and flow runs are closed at the restart's start (their process is gone), and the lost trial is
+    asked again and trains only the epochs after its last training state."""
     root = tmp_path / "data"
     log = tmp_path / "killed.log"
-    slow = _sweep(root, "sweep.n_trials=2", "train.epochs=500", "sweep.heartbeat_seconds=1", STILL)
+    settings = ("sweep.n_trials=1", "train.epochs=4", STILL)
     with log.open("w") as out:
         killed = subprocess.Popen(
-            slow,
+            _sweep(root, *settings),
             cwd=REPO,
             env=cli_environment(tmp_path / "home"),
             stdout=out,
@@ -151,7 +170,7 @@ def test_a_killed_sweep_is_reaped_by_the_next_and_leaves_no_server(tmp_path):
             start_new_session=True,
         )
     try:
-        _wait_for_a_training_trial(root, killed, log)
+        _wait_for_a_training_state(root, killed, log)
         assert len(_alive_in_group(killed.pid)) >= 2, "the sweep and its temporary Prefect server"
         killed.send_signal(signal.SIGKILL)
         killed.wait(timeout=30)
@@ -161,33 +180,44 @@ def test_a_killed_sweep_is_reaped_by_the_next_and_leaves_no_server(tmp_path):
         assert not _alive_in_group(killed.pid), "the temporary Prefect server must die with the killed sweep"
     finally:
         _kill_group(killed)
+    (mark,) = (root / "artifacts").glob("*/artifacts/training/epoch-*.json")  # older states were replaced
+    saved = int(mark.stem.removeprefix("epoch-"))
     checkpoints = root / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
     leftover = checkpoints / ".digits-soups-trial-0.safetensors.4242.tmp"
     leftover.write_bytes(b"half a checkpoint")
     os.utime(leftover, (time.time() - 600, time.time() - 600))
     kept = checkpoints / "someone-elses.safetensors"
     kept.write_bytes(b"a checkpoint")
-    time.sleep(2.5)  # the grace period: twice the 1 s heartbeat
 
-    fast = _sweep(root, "sweep.n_trials=2", "train.epochs=1", "sweep.heartbeat_seconds=1", STILL)
-    done = subprocess.run(
-        fast, cwd=REPO, env=cli_environment(tmp_path / "home"), capture_output=True, text=True, timeout=240
+    done = subprocess.run(  # at once, with the default heartbeat: no waiting for the grace period
+        _sweep(root, *settings), cwd=REPO, env=cli_environment(tmp_path / "home"), capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
 
-    ghost, *new = _study(root).trials
+    ghost, retry, new = _study(root).trials
     assert ghost.state == TrialState.FAIL
-    assert ghost.user_attrs["fail_reason"] == "process died: trial 0 had no heartbeat for more than 2s"
-    assert [t.state for t in new] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert re.fullmatch(r"process died: trial 0's process \d+ on .+ is gone", ghost.user_attrs["fail_reason"])
+    assert retry.user_attrs["retry_of"] == 0 and retry.params == ghost.params and retry.state == TrialState.COMPLETE
+    assert new.state == TrialState.COMPLETE and "retry_of" not in new.user_attrs
+    output = done.stdout + done.stderr
+    assert _epochs_logged(output, 1) == list(range(saved + 1, 5)), "the retry trains only the epochs left"
+    assert _epochs_logged(output, 2) == [1, 2, 3, 4]
+
     client = _client(root)
     run = client.get_run(ghost.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == ghost.user_attrs["fail_reason"]
+    resumed = client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert resumed.data.tags["resumed_from_run"] == run.info.run_id
+    assert run.data.tags["resumed_by_run"] == resumed.info.run_id
+    assert resumed.data.tags["resumed_after_epoch"] == str(saved)
+    curve = client.get_metric_history(resumed.info.run_id, "heldout_accuracy")
+    assert sorted(m.step for m in curve) == [1, 2, 3, 4], "the curve continues the lost run's"
     killed_sweep = client.get_run(ghost.user_attrs["sweep_run_id"])
     assert killed_sweep.info.status == "FAILED"
-    assert killed_sweep.data.tags["failure_reason"].startswith("process died: the sweep's trial 0 lost its heartbeat")
+    assert re.match(r"process died: the sweep's process \d+ on .+ is gone", killed_sweep.data.tags["failure_reason"])
     experiment = client.get_experiment_by_name("digits-soups")
     assert not client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'"), "no ghost runs"
+    assert not list((root / "artifacts").glob("*/artifacts/training/*")), "registered: training states deleted"
     assert not leftover.exists() and kept.exists(), "only stale temporaries are removed"
 
     # Prefect's record (the root's own Prefect database): the killed sweep's flow run and task runs are Crashed.
@@ -196,6 +226,8 @@ def test_a_killed_sweep_is_reaped_by_the_next_and_leaves_no_server(tmp_path):
         task_runs = [state for (state,) in prefect_db.execute("SELECT state_type FROM task_run").fetchall()]
     assert flow_runs[killed_sweep.data.tags["prefect.flow_run_id"]] == "CRASHED"
     assert "RUNNING" not in set(flow_runs.values()) | set(task_runs), "no ghost flow or task runs"
+    seconds = {t.number: t.user_attrs["train_function_seconds"] for t in (retry, new)}
+    print(f"resumed after epoch {saved}/4: {seconds[1]:.1f}s in finetune(), against {seconds[2]:.1f}s from scratch")
 
 
 def test_two_sweeps_on_one_fresh_study_run_forty_trials_four_at_a_time_and_lose_or_repeat_none(tmp_path):

@@ -224,9 +224,12 @@ def test_the_nightly_deployment_fires_on_its_schedule_and_the_next_run_continues
     assert len({v.run_id for v in versions}) == 4
 
 
-def test_a_worker_lost_mid_trial_fails_that_trial_registers_nothing_of_it_and_the_sweep_completes_its_count(
+def test_a_worker_lost_mid_trial_fails_that_trial_and_its_retry_resumes_on_the_other_worker(
     stack, pretrained_checkpoint
 ):
+    """worker-1 and its flow run SIGKILLed after the trial's first training state: the trial fails at once (its
+    process is gone), its retry is taken by worker-2 and trains only the epochs after the lost run's state; the
+    sweep completes its count and registers nothing of the lost run."""
     tracking = _tracking(stack)
     space = json.dumps(
         {"lr": {"kind": "loguniform", "low": 3e-4, "high": 1e-3}, "epochs": {"kind": "int", "low": 4, "high": 4}}
@@ -244,6 +247,7 @@ def test_a_worker_lost_mid_trial_fails_that_trial_registers_nothing_of_it_and_th
     )
     try:
         victim = _trial_training_on(stack, "worker-1", tracking, timeout=300)
+        _wait_for_a_training_state(tracking, victim.user_attrs["mlflow_run_id"], timeout=300)
         for pid in process_group(_service(stack, "worker-1")):  # the worker and its flow run: a lost machine
             os.kill(pid, signal.SIGKILL)
         output, _ = sweep.communicate(timeout=600)
@@ -268,6 +272,28 @@ def test_a_worker_lost_mid_trial_fails_that_trial_registers_nothing_of_it_and_th
     assert len(versions) == 3 and lost_run.info.run_id not in {v.run_id for v in versions}
     with _prefect(stack) as prefect_client:
         assert prefect_client.read_flow_run(lost.user_attrs["prefect_flow_run_id"]).state.is_crashed()
+
+    (retry,) = retries
+    resumed = client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert retry.state == optuna.trial.TrialState.COMPLETE
+    assert resumed.data.tags["resumed_from_run"] == lost_run.info.run_id
+    saved = int(resumed.data.tags["resumed_after_epoch"])
+    assert retry.user_attrs["prefect_flow_run_id"] in _submitted_by(stack, "worker-2")
+    logged = re.findall(rf"trial {retry.number}: epoch (\d+)/4 ", (stack / "worker-2.log").read_text())
+    assert [int(epoch) for epoch in logged] == list(range(saved + 1, 5)), "only the epochs after the state"
+    assert not client.list_artifacts(lost_run.info.run_id, "training"), "registered: the states are deleted"
+    assert not client.list_artifacts(resumed.info.run_id, "training")
+
+
+def _wait_for_a_training_state(tracking: dict, run_id: str, timeout: float) -> None:
+    """Until the run's first training state is committed (its mark uploaded)."""
+    client = MlflowClient(tracking_uri=tracking["mlflow_uri"])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(info.path.endswith(".json") for info in client.list_artifacts(run_id, "training")):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"run {run_id} saved no training state within {timeout}s")
 
 
 def _trial_training_on(root: Path, worker: str, tracking: dict, timeout: float):

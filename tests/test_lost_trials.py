@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -18,6 +19,7 @@ from optuna.trial import TrialState
 from soups.config import load_config
 from soups.training_state import EpochReport, TrainingState
 from tasks.adapters.liveness import is_gone, this_process
+from tasks.adapters.reaping import Reaper
 from tasks.adapters.studies import fail_stale_trials, open_study
 from tasks.adapters.tracking import client_for, ensure_experiment
 from tasks.adapters.training_states import FOLDER, delete_states, latest_state, state_uploader
@@ -138,3 +140,28 @@ def test_soups_reap_closes_a_ghost_now_and_asks_its_parameters_again(tmp_path):
     assert client.get_run(run_id).info.status == "FAILED"
     assert retry.state == TrialState.WAITING and retry.system_attrs["fixed_params"] == ended.params
     assert retry.user_attrs == {"retry_of": 0, "seed": 7, "resume_run_id": run_id}
+
+
+def test_a_running_sweeps_reaper_fails_a_ghost_that_appears_meanwhile_within_its_half_heartbeat(tmp_path):
+    config = load_config(None, {"tracking.root": str(tmp_path / "data"), "sweep.heartbeat_seconds": 2})
+    experiment_id = ensure_experiment(config)
+    client = client_for(config.tracking)
+    study = open_study(config)
+    own = client.create_run(experiment_id, tags={"kind": "sweep", "study": config.study_name}).info.run_id
+    crashed: list[dict[str, str]] = []
+    with Reaper(config, study, client, experiment_id, own, crashed.append) as reaper:
+        time.sleep(1.5)  # a pass with nothing to reap
+        ghost = study.ask()
+        tags = {"kind": "ingredient", "study": config.study_name, "prefect.flow_run_id": "f" * 32}
+        run_id = client.create_run(experiment_id, tags=tags).info.run_id
+        ghost.set_user_attr("mlflow_run_id", run_id)
+        ghost.set_user_attr("process", _gone_process())
+        deadline = time.monotonic() + 10
+        while study._storage.get_trial(ghost._trial_id).state == TrialState.RUNNING:
+            assert time.monotonic() < deadline, "the reaper never failed the ghost"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert reaper.take() == {ghost.number} and reaper.take() == set()
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert client.get_run(own).info.status == "RUNNING", "the sweep's own run is never reaped"
+    assert {"f" * 32: client.get_run(run_id).data.tags["failure_reason"]} in crashed

@@ -67,11 +67,11 @@ def stage_command(args: argparse.Namespace) -> None:
     """``soups run|sweep|kitchen|promote``: one stage (or all) as a Prefect flow run."""
     config = config_from(args)
     check_dispatch(config, args.command)
-    if args.command != "run":  # fail before a Prefect server starts; `run` pretrains when it must
+    if args.command not in ("run", "reap"):  # fail before a Prefect server starts; `run` pretrains when it must
         from soups.pretrain import with_resolved_start
 
         config = with_resolved_start(config, missing_ok=args.command != "sweep")
-    check_pretrained(config.model.start)
+        check_pretrained(config.model.start)
     prepare_environment(config.tracking.root)
     experiment_id = check_stores(config, args.command)
     quiet_tracebacks()

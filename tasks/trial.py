@@ -151,7 +151,7 @@ def _train_and_register(
             resume=resume,
         )
     except BaseException:
-        _drop_states(client, run_id)  # a trial failed (or pruned) in its own process is never resumed
+        delete_states(client, run_id)  # a trial failed (or pruned) in its own process is never resumed
         raise
     train_seconds = time.perf_counter() - train_started
     log_params(client, run_id, flat_params(result.runtime, "runtime."))
@@ -190,7 +190,7 @@ def _train_and_register(
     )
     for states_of in (run_id, ref.resume_run_id):
         if states_of:
-            _drop_states(client, states_of)
+            delete_states(client, states_of)
     return result.metrics["heldout_accuracy"], str(version.version), train_seconds
 
 
@@ -214,14 +214,6 @@ def _resumed_state(client, run_id: str, ref: TrialRef, trial, finetune_config, s
     epochs = finetune_config.train.epochs
     print(f"trial {ref.number}: resuming the lost run {ref.resume_run_id} after epoch {state.epoch}/{epochs}")
     return state
-
-
-def _drop_states(client, run_id: str) -> None:
-    """Delete a run's training states; a failure here is reported, never raised over the trial's own end."""
-    try:
-        delete_states(client, run_id)
-    except Exception as err:  # noqa: BLE001 - the states are only storage: the trial's outcome stands
-        print(f"training states of run {run_id} not deleted: {type(err).__name__}: {err}")
 
 
 def _epoch_reporter(client, run_id: str, trial, ref: TrialRef, config: PipelineConfig, epochs: int):

@@ -92,10 +92,20 @@ def start_postgres(root: Path, host: str, port: int, timeout: float) -> Service:
     return recorded_service(root, "postgres", pid, netloc(host, port))
 
 
+def running_postmaster(root: Path) -> int | None:
+    """The cluster's postmaster pid while it runs, from DIR/postgres/postmaster.pid: it changes when someone
+    restarts the cluster with ``pg_ctl restart``, so the pid ``up`` recorded is not enough."""
+    try:
+        pid = int((root / "postgres" / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if Path(f"/proc/{pid}").exists() else None
+
+
 def stop_postgres(root: Path, service: Service, grace: float = 20.0) -> None:
-    """``pg_ctl stop -m fast`` (clients are disconnected, no recovery needed at the next start), then make sure
-    of it by the recorded process group."""
-    if is_running(service):
+    """``pg_ctl stop -m fast`` (clients are disconnected, no recovery needed at the next start) while the
+    cluster runs, restarted or not, then make sure of it by the recorded process group."""
+    if is_running(service) or running_postmaster(root) is not None:
         data = root / "postgres"
         pg_ctl = [tool_path("pg_ctl", "postgres"), "stop", "-D", str(data), "-m", "fast", "-w", "-t", str(int(grace))]
         with suppress(StackError):

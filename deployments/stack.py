@@ -39,6 +39,7 @@ from deployments.postgres import (
     create_optuna_schema,
     database_url,
     init_postgres,
+    running_postmaster,
     start_postgres,
     stop_any,
 )
@@ -517,7 +518,9 @@ def up(options: StackOptions) -> Stack:
 
 
 def status(root: Path) -> list[tuple[Service, bool]]:
-    return [(service, is_running(service)) for service in recorded(root.resolve())]
+    root = root.resolve()
+    restarted = running_postmaster(root) is not None  # `pg_ctl restart` gives the cluster a new postmaster
+    return [(s, is_running(s) or (s.name == "postgres" and restarted)) for s in recorded(root)]
 
 
 def down(root: Path) -> list[Service]:

@@ -20,9 +20,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from deployments.postgres import _db_owner
+from deployments.postgres import _db_owner, running_postmaster
 from deployments.processes import is_running, tool_path
-from deployments.stack import PASSWORD_VARIABLE, down, recorded, sourced_environment
+from deployments.stack import PASSWORD_VARIABLE, down, recorded, sourced_environment, status
 from tests.helpers import stack_folder
 
 PASSWORD = "database-restart-test-password"
@@ -54,9 +54,7 @@ def stack():
             yield root
         finally:
             down(root)
-            # `down` stops PostgreSQL by the pid `up` recorded; the restarted postmaster has another one.
-            if (root / "postgres" / "postmaster.pid").exists():
-                _pg_ctl(root, "stop", "-m", "immediate")
+            assert running_postmaster(root) is None, "down stops the restarted cluster too"
             shutil.rmtree(root.parent)
 
 
@@ -185,3 +183,4 @@ def test_a_postgres_restart_mid_sweep_completes_the_count_registers_each_once_an
         if trial.state == optuna.trial.TrialState.COMPLETE:
             assert flow_run.state.is_completed(), (trial.number, flow_run.state)
     assert all(is_running(service) for service in services), services  # same pid and start time: not restarted
+    assert all(alive for _, alive in status(stack)), "status sees the restarted cluster running"

@@ -105,10 +105,15 @@ def reap_ghosts(
     return reaped
 
 
+LOST = ("process died", "StorageInternalError:", "OperationalError:")
+"""How the reason of a trial lost with its process, or with the study's database (down for longer than its
+storage waits), begins."""
+
+
 def lost(trial: FrozenTrial) -> bool:
-    """Failed because its process or machine went away, not because of what it computed."""
+    """Failed because its process, machine or database went away, not because of what it computed."""
     reason = str(trial.user_attrs.get("fail_reason", ""))
-    return trial.state == TrialState.FAIL and (reason.startswith("process died") or "flow run ended Crashed" in reason)
+    return trial.state == TrialState.FAIL and (reason.startswith(LOST) or "flow run ended Crashed" in reason)
 
 
 def retry_lost(study: optuna.Study, client, numbers: set[int]) -> list[int]:

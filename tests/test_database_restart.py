@@ -7,8 +7,6 @@ registered twice; and both servers recover by themselves (the same processes ans
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,14 +18,13 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from deployments.postgres import _db_owner, running_postmaster
+from deployments.postgres import _db_owner
 from deployments.processes import is_running, tool_path
-from deployments.stack import PASSWORD_VARIABLE, down, recorded, sourced_environment, status
-from tests.helpers import stack_folder
+from deployments.stack import recorded, sourced_environment, status
+from tests.helpers import authenticated_stack
 
 PASSWORD = "database-restart-test-password"
 SOUPS = str(Path(sys.executable).with_name("soups"))
-CLIENT_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
 EXPERIMENT = "db-restart"
 TRIALS = 4
 SPACE = json.dumps(
@@ -37,25 +34,8 @@ SPACE = json.dumps(
 
 @pytest.fixture(scope="module")
 def stack():
-    root = stack_folder() / "stack"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(PASSWORD_VARIABLE, PASSWORD)
-        patch.setenv("PGPASSWORD", PASSWORD)  # this process reads Optuna's storage like a sourced shell
-        patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        try:
-            started = time.perf_counter()
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}  # two GPUs as far as the stack can tell
-            up = subprocess.run([SOUPS, "stack", "up", "--root", str(root), "--workers", "2", "--auth"], env=env)
-            assert up.returncode == 0
-            print(f"soups stack up --workers 2 --auth: {time.perf_counter() - started:.1f}s")
-            sourced = sourced_environment(root)
-            for variable in CLIENT_VARIABLES:  # this process reads both servers like a sourced shell
-                patch.setenv(variable, sourced[variable])
-            yield root
-        finally:
-            down(root)
-            assert running_postmaster(root) is None, "down stops the restarted cluster too"
-            shutil.rmtree(root.parent)
+    with authenticated_stack(PASSWORD) as root:  # it checks that `down` stops the restarted cluster too
+        yield root
 
 
 def _pg_ctl(root: Path, *argv: str) -> None:

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,15 +24,14 @@ import yaml
 from mlflow import MlflowClient
 
 from deployments.processes import process_group
-from deployments.stack import PASSWORD_VARIABLE, down, recorded, sourced_environment
+from deployments.stack import recorded, sourced_environment
 from tasks.adapters.tracking import weights_uri
-from tests.helpers import stack_folder
+from tests.helpers import authenticated_stack
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 PASSWORD = "scale-out-test-password"
 SOUPS = str(Path(sys.executable).with_name("soups"))
 PREFECT = str(Path(sys.executable).with_name("prefect"))
-CLIENT_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
 TINY_SPACE = json.dumps(
     {"lr": {"kind": "loguniform", "low": 3e-4, "high": 1e-3}, "epochs": {"kind": "int", "low": 1, "high": 1}}
 )
@@ -41,26 +39,9 @@ TINY_SPACE = json.dumps(
 
 @pytest.fixture(scope="module")
 def stack():
-    root = stack_folder() / "stack"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(PASSWORD_VARIABLE, PASSWORD)
-        patch.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "5")  # the scheduler looks every 5 s
-        patch.setenv("PGPASSWORD", PASSWORD)  # this process reads Optuna's storage like a sourced shell
-        patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        try:
-            started = time.perf_counter()
-            # Two GPUs as far as the stack can tell (CPU-only here: torch still finds none and trains on CPU).
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}
-            up = subprocess.run([SOUPS, "stack", "up", "--root", str(root), "--workers", "2", "--auth"], env=env)
-            assert up.returncode == 0
-            print(f"soups stack up --workers 2 --auth: {time.perf_counter() - started:.1f}s")
-            sourced = sourced_environment(root)
-            for variable in CLIENT_VARIABLES:  # this process reads both servers like a sourced shell
-                patch.setenv(variable, sourced[variable])
-            yield root
-        finally:
-            down(root)
-            shutil.rmtree(root.parent)
+    # the scheduler looks every 5 s
+    with authenticated_stack(PASSWORD, PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5") as root:
+        yield root
 
 
 def _tracking(root: Path) -> dict:

@@ -10,7 +10,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -29,11 +28,10 @@ from deployments.stack import (
     sourced_environment,
     wants_auth,
 )
-from tests.helpers import stack_folder
+from tests.helpers import CLIENT_VARIABLES, authenticated_stack, stack_folder
 
 PLANTED = f"planted-secret-{secrets.token_hex(8)}"
 SOUPS = str(Path(sys.executable).with_name("soups"))
-CLIENT_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
 
 
 def _soups_stack(*argv: str) -> int:
@@ -64,22 +62,8 @@ def _get(url: str) -> int:
 def stack():
     """A stack with ``--auth``: the database password planted, MLflow's and Prefect's generated into stack.env;
     this process is then a client of it like a sourced shell (MLflow's and Prefect's credential variables)."""
-    root = stack_folder() / "stack"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(PASSWORD_VARIABLE, PLANTED)
-        for variable in ("SOUPS_MLFLOW_ADMIN_PASSWORD", "SOUPS_MLFLOW_PASSWORD", "SOUPS_PREFECT_AUTH_STRING"):
-            patch.delenv(variable, raising=False)
-        try:
-            started = time.perf_counter()
-            assert _soups_stack("up", "--root", str(root), "--workers", "1", "--auth") == 0
-            print(f"soups stack up --workers 1 --auth: {time.perf_counter() - started:.1f}s")
-            sourced = sourced_environment(root)
-            for variable in CLIENT_VARIABLES:
-                patch.setenv(variable, sourced[variable])
-            yield root
-        finally:
-            down(root)
-            shutil.rmtree(root.parent)
+    with authenticated_stack(PLANTED, workers=1) as root:
+        yield root
 
 
 def _service(root: Path, name: str):

@@ -87,6 +87,20 @@ def _gone_process() -> dict[str, str]:
     return {**this_process(), "pid": str(child.pid), "started": started}
 
 
+def _zombie_process() -> dict[str, str]:
+    """The name of a process that exited and whose parent (this one) has not reaped it yet."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    started = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    child.kill()
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.01)
+    _ZOMBIES.append(child)  # reaped when the test session ends
+    return {**this_process(), "pid": str(child.pid), "started": started}
+
+
+_ZOMBIES: list[subprocess.Popen] = []
+
+
 def test_a_trial_whose_process_is_gone_is_failed_at_once_and_live_or_remote_ones_are_left(tmp_path):
     config = load_config(None, {"tracking.root": str(tmp_path)})  # heartbeat 60 s: nothing is stale by time
     study = open_study(config)
@@ -95,6 +109,7 @@ def test_a_trial_whose_process_is_gone_is_failed_at_once_and_live_or_remote_ones
         "live": this_process(),
         "reused pid": {**this_process(), "started": "1"},  # this pid, another start time: not this process
         "remote": {**_gone_process(), "host": socket.gethostname() + "-elsewhere"},
+        "zombie": _zombie_process(),
     }
     trials = {}
     for name, process in processes.items():
@@ -102,13 +117,13 @@ def test_a_trial_whose_process_is_gone_is_failed_at_once_and_live_or_remote_ones
         study._storage.record_heartbeat(trial._trial_id)
         trial.set_user_attr("process", process)
         trials[name] = trial
-    assert [is_gone(p) for p in processes.values()] == [True, False, True, False]
+    assert [is_gone(p) for p in processes.values()] == [True, False, True, False, True]
 
     failed = fail_stale_trials(study)
-    assert sorted(failed) == [trials["gone"].number, trials["reused pid"].number]
+    assert sorted(failed) == [trials["gone"].number, trials["reused pid"].number, trials["zombie"].number]
     pid = processes["gone"]["pid"]
     assert failed[trials["gone"].number] == f"process died: trial 0's process {pid} on {socket.gethostname()} is gone"
-    states = {name: study._storage.get_trial(t._trial_id).state for name, t in trials.items()}
+    states = {name: study._storage.get_trial(t._trial_id).state for name, t in trials.items() if name != "zombie"}
     assert states == {
         "gone": TrialState.FAIL,
         "live": TrialState.RUNNING,

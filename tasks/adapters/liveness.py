@@ -24,12 +24,14 @@ def _boot_id() -> str:
 
 
 def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot; None when there is no such process (or no /proc)."""
+    """The process's start time in clock ticks since boot; None when there is no such live process (or no
+    /proc). A zombie is gone: its parent may never reap it (deployments/processes.py reads /proc the same way;
+    deployments/ imports nothing of tasks/)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # from field 3 on
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # fields after the command name start at field 3
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def this_process() -> dict[str, str]:

@@ -72,6 +72,12 @@ class TensorSpec:
 
 def read_header(path: Path) -> dict[str, TensorSpec]:
     """Parse a safetensors header without reading tensor data, checking the file is long enough."""
+    return read_layout(path)[0]
+
+
+def read_layout(path: Path) -> tuple[dict[str, TensorSpec], dict[str, tuple[int, int]], int]:
+    """The header's specs, each tensor's byte range [begin, end) and the offset its data starts at (what a
+    reader needs to fetch a tensor with one positioned read), all checked against the file's length."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (check the path, or that the run finished writing it)")
@@ -96,24 +102,32 @@ def read_header(path: Path) -> dict[str, TensorSpec]:
         )
     raw.pop("__metadata__", None)
     specs: dict[str, TensorSpec] = {}
-    data_end = 0
+    spans: dict[str, tuple[int, int]] = {}
     for key, entry in raw.items():
-        specs[key], end = _tensor_entry(path, key, entry)
-        data_end = max(data_end, end)
+        specs[key], spans[key] = _tensor_entry(path, key, entry)
+    data_end = 0
+    for begin, end in sorted(spans.values()):  # tensors tile the data section, as safetensors requires
+        if begin != data_end:
+            raise CheckpointError(f"{path}: tensor data overlaps or leaves a gap at byte {begin}; damaged header")
+        data_end = end
     if 8 + header_len + data_end > size:
         raise CheckpointError(
             f"{path}: truncated: header promises {8 + header_len + data_end} bytes, file has {size}; "
             "the copy or download was interrupted, fetch it again"
         )
-    return specs
+    if 8 + header_len + data_end < size:
+        raise CheckpointError(
+            f"{path}: {size - 8 - header_len - data_end} bytes follow its last tensor; damaged or not safetensors"
+        )
+    return specs, spans, 8 + header_len
 
 
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _tensor_entry(path: Path, key: str, entry: object) -> tuple[TensorSpec, int]:
-    """One header entry's spec and where its bytes end, checked field by field so a damaged header is a
+def _tensor_entry(path: Path, key: str, entry: object) -> tuple[TensorSpec, tuple[int, int]]:
+    """One header entry's spec and its bytes' range, checked field by field so a damaged header is a
     CheckpointError naming the tensor, never a KeyError or TypeError from deep inside the reader."""
     if not isinstance(entry, dict):
         raise CheckpointError(f"{path}: tensor {key!r} has no dtype, shape and data_offsets; damaged header")
@@ -131,7 +145,7 @@ def _tensor_entry(path: Path, key: str, entry: object) -> tuple[TensorSpec, int]
             f"{path}: tensor {key!r} spans {offsets[1] - offsets[0]} bytes, its {dtype} shape {shape} needs {needed}; "
             "damaged header"
         )
-    return TensorSpec(dtype, tuple(shape)), offsets[1]
+    return TensorSpec(dtype, tuple(shape)), (offsets[0], offsets[1])
 
 
 def check_compatible(paths: Sequence[Path]) -> dict[str, TensorSpec]:
@@ -168,15 +182,11 @@ def layout_differences(reference: dict[str, TensorSpec], other: dict[str, Tensor
 
 def iter_tensors(path: Path, keys: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield tensors one at a time, so callers hold one tensor of this file at once, never the whole file."""
-    from safetensors import SafetensorError, safe_open
+    from soups.tensorfile import TensorFile
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in keys if keys is not None else f.keys():
-                yield key, f.get_tensor(key)
-    except SafetensorError as err:
-        problem = " ".join(str(err).split())
-        raise CheckpointError(f"{path}: cannot read tensors ({problem}); the file is damaged, fetch it again") from err
+    with TensorFile(path) as file:
+        for key in keys if keys is not None else file.specs:
+            yield key, file.read(key)
 
 
 def file_sha256(path: Path) -> str:

@@ -6,7 +6,10 @@ from the first checkpoint.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,9 +20,9 @@ from soups.checkpoint import (
     StateDict,
     check_compatible,
     ensure_finite,
-    iter_tensors,
     load_state_dict,
 )
+from soups.tensorfile import TensorFile, read_ahead
 
 Coefficients = torch.Tensor | Mapping[str, torch.Tensor]
 """One weight per checkpoint ([N]), or one [N] vector per tensor key (by-layer mixing)."""
@@ -30,23 +33,28 @@ def average_checkpoints(
     coefficients: Coefficients | None = None,
     dtype: torch.dtype | None = None,
 ) -> StateDict:
-    """Weighted average of checkpoint files (uniform when no coefficients), one file open at a time.
+    """Weighted average of checkpoint files (uniform when no coefficients), one tensor read at a time.
 
     Checkpoints are visited one after the other and each tensor is added into a float32 accumulator as soon
-    as it is read, so peak memory is the accumulator plus one open file, whatever the number of files.
-    The result has each tensor's stored dtype unless ``dtype`` is given.
+    as it is read, into one of two reused buffers while the next is read into the other, so peak memory is
+    the accumulator plus two tensors, whatever the number of files. The result has each tensor's stored
+    dtype unless ``dtype`` is given.
     """
     layout = check_compatible(paths)
     n = len(paths)
     if coefficients is None:
         coefficients = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    largest = max((math.prod(s.shape) * SAFETENSORS_DTYPES[s.dtype].itemsize for s in layout.values()), default=0)
+    buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(2)]
+    order = [(index, key) for index in range(n) for key in layout]
     accumulator: StateDict = {}
-    for index, path in enumerate(paths):
-        for key, tensor in iter_tensors(Path(path)):
+    with ExitStack() as stack:
+        files = [stack.enter_context(TensorFile(Path(path))) for path in paths]
+        jobs = [partial(_read, files[index], key, buffers[step % 2]) for step, (index, key) in enumerate(order)]
+        for (index, key), tensor in zip(order, read_ahead(jobs), strict=True):
             if not tensor.is_floating_point():
-                accumulator.setdefault(key, tensor)
+                accumulator.setdefault(key, tensor.clone())
                 continue
-            ensure_finite(key, tensor, str(path))
             weight = float(_coefficient(coefficients, key)[index])
             if index == 0:
                 accumulator[key] = torch.mul(tensor.float(), weight)  # upcast first: bf16 products lose bits
@@ -56,6 +64,16 @@ def average_checkpoints(
         key: value.to(dtype or SAFETENSORS_DTYPES[layout[key].dtype]) if value.is_floating_point() else value
         for key, value in accumulator.items()
     }
+
+
+def _read(file: TensorFile, key: str, buffer: torch.Tensor) -> torch.Tensor:
+    """``key`` of ``file`` in (a view of) ``buffer``, with its stored dtype and shape, checked finite (in the
+    reading thread, beside the adding)."""
+    spec = file.spec(key)
+    dtype = SAFETENSORS_DTYPES[spec.dtype]
+    view = buffer[: math.prod(spec.shape) * dtype.itemsize].view(dtype).view(spec.shape)
+    ensure_finite(key, file.read_into(key, view), str(file.path))
+    return view
 
 
 def _coefficient(coefficients: Coefficients, key: str) -> torch.Tensor:

@@ -3,8 +3,8 @@ greedy with another recipe as its combine step, and proof that every recipe read
 
 from __future__ import annotations
 
+import functools
 import math
-import weakref
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ from soups.recipes import RecipeInputs, cook, recipe_options
 from soups.recipes import task_vectors as task_vectors_module
 from soups.recipes.dare import drop_generator
 from soups.recipes.ties import trim
+from soups.tensorfile import read_ahead
 from tests.helpers import random_state_dict, write_ingredients
 
 
@@ -198,7 +199,7 @@ def test_greedy_combine_is_checked_against_the_registry():
 
 
 @pytest.mark.parametrize("recipe", ["task_arithmetic", "ties", "dare", "model_stock", "slerp"])
-def test_recipes_hold_one_key_of_the_inputs_at_a_time(tmp_path, monkeypatch, recipe):
+def test_recipes_read_key_after_key_into_two_buffers_used_in_turn(tmp_path, monkeypatch, recipe):
     keys, n = 12, 3
     g = torch.Generator().manual_seed(0)
     files = [
@@ -206,20 +207,35 @@ def test_recipes_hold_one_key_of_the_inputs_at_a_time(tmp_path, monkeypatch, rec
         for i in range(n + 1)
     ]
     ingredients, inputs = files[:n], RecipeInputs(base=files[n].path)
-    reads: list[weakref.ref] = []
-    most_alive = 0
-    read = task_vectors_module._read
+    buffers: list[int] = []
+    read_key = task_vectors_module._read_key
 
-    def recording_read(handle, key: str, path) -> torch.Tensor:
-        nonlocal most_alive
-        tensor = read(handle, key, path)
-        reads.append(weakref.ref(tensor))
-        most_alive = max(most_alive, sum(ref() is not None for ref in reads))
-        return tensor
+    def recording_read_key(key: str, readers: list, n: int, buffer: torch.Tensor) -> torch.Tensor:
+        rows = read_key(key, readers, n, buffer)
+        buffers.append(rows.untyped_storage().data_ptr())
+        return rows
 
-    monkeypatch.setattr(task_vectors_module, "_read", recording_read)
+    monkeypatch.setattr(task_vectors_module, "_read_key", recording_read_key)
     (dish,) = cook(recipe, ingredients, inputs)
-    files_read = n if recipe == "slerp" else n + 1
-    assert len(reads) == keys * files_read, "every tensor is read from its open file, once"
-    assert most_alive <= files_read, "never more than one key's tensors alive at once"
-    assert all(ref() is None for ref in reads) and len(dish.state_dict) == keys
+    assert len(buffers) == keys, "every key is read once, all its files at once"
+    assert len(set(buffers[::2])) == len(set(buffers[1::2])) == 1 and buffers[0] != buffers[1], "two in turn"
+    assert not {t.untyped_storage().data_ptr() for t in dish.state_dict.values()} & set(buffers)
+    distinct = {tuple(t.flatten().tolist()) for t in dish.state_dict.values()}
+    assert len(distinct) == keys, "no key's result was overwritten by a later key's read"
+
+
+def test_read_ahead_runs_one_job_ahead_and_raises_where_the_failed_result_was_due():
+    started: list[int] = []
+
+    def job(index: int) -> int:
+        started.append(index)
+        if index == 3:
+            raise ValueError("job 3 failed")
+        return index
+
+    received = []
+    with pytest.raises(ValueError, match="job 3 failed"):
+        for value in read_ahead([functools.partial(job, i) for i in range(5)]):
+            assert value + 2 not in started, "never two jobs ahead of the caller"
+            received.append(value)
+    assert received == [0, 1, 2] and 4 not in started

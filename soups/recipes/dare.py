@@ -31,7 +31,6 @@ from soups.recipes.task_vectors import (
     TaskVectorOptions,
     base_of,
     merge_streamed,
-    stacked_deltas,
 )
 from soups.recipes.ties import TiesOptions, ties_merge
 
@@ -95,8 +94,7 @@ def dare(ingredients: list[Ingredient], inputs: RecipeInputs, options: DareOptio
     base = base_of("dare", inputs)
     lam = options.scale()
 
-    def merge(key: str, tensors: list[torch.Tensor], theta0: torch.Tensor) -> torch.Tensor:
-        deltas = stacked_deltas(tensors, theta0)
+    def merge(key: str, deltas: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
         for index in range(len(deltas)):
             deltas[index] = drop_and_rescale(deltas[index], options.p, drop_generator(options.seed, index, key))
         if options.combine == "ties":

@@ -20,7 +20,7 @@ import torch
 
 from soups.checkpoint import Ingredient
 from soups.recipes.base import Dish, NoOptions, Recipe, RecipeDetails, RecipeInputs
-from soups.recipes.task_vectors import base_of, merge_streamed, stacked_deltas
+from soups.recipes.task_vectors import base_of, merge_streamed
 
 
 def mean_pairwise_cosine(deltas: torch.Tensor) -> float:
@@ -47,10 +47,10 @@ def model_stock(ingredients: list[Ingredient], inputs: RecipeInputs, options: No
     base = base_of("model_stock", inputs)
     ratios: dict[str, float] = {}
 
-    def merge(key: str, tensors: list[torch.Tensor], theta0: torch.Tensor) -> torch.Tensor:
-        cos_theta = mean_pairwise_cosine(stacked_deltas(tensors, theta0).flatten(1))
-        t = ratios[key] = interpolation_ratio(cos_theta, len(tensors))
-        return t * (sum(tensors) / len(tensors)) + (1 - t) * theta0
+    def merge(key: str, deltas: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
+        cos_theta = mean_pairwise_cosine(deltas.flatten(1))
+        t = ratios[key] = interpolation_ratio(cos_theta, len(deltas))
+        return torch.add(theta0, deltas.sum(dim=0), alpha=t / len(deltas))  # t·mean(θᵢ) + (1−t)·θ₀
 
     state_dict = merge_streamed([i.path for i in ingredients], merge, base)
     return [Dish("model_stock", "model_stock", ingredients, state_dict=state_dict, details=ModelStockDetails(t=ratios))]

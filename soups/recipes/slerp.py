@@ -50,8 +50,8 @@ def slerp_recipe(ingredients: list[Ingredient], inputs: RecipeInputs, options: S
     pair = len(ingredients) == 2
     start = 0 if pair else ingredients.index(best_ingredient(ingredients))
 
-    def merge(key: str, tensors: list[torch.Tensor], base: None) -> torch.Tensor:
-        end = tensors[1] if pair else sum(tensors) / len(tensors)
+    def merge(key: str, tensors: torch.Tensor, base: None) -> torch.Tensor:
+        end = tensors[1] if pair else tensors.sum(dim=0) / len(tensors)
         return slerp(tensors[start], end, options.t)
 
     state_dict = merge_streamed([i.path for i in ingredients], merge)

@@ -19,7 +19,6 @@ from soups.recipes.task_vectors import (
     TaskVectorOptions,
     base_of,
     merge_streamed,
-    stacked_deltas,
 )
 
 
@@ -42,8 +41,8 @@ def task_arithmetic(ingredients: list[Ingredient], inputs: RecipeInputs, options
     base = base_of("task_arithmetic", inputs)
     lam = options.lambda_
 
-    def merge(key: str, tensors: list[torch.Tensor], theta0: torch.Tensor) -> torch.Tensor:
-        return add_task_vectors(stacked_deltas(tensors, theta0), theta0, lam)
+    def merge(key: str, deltas: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
+        return add_task_vectors(deltas, theta0, lam)
 
     state_dict = merge_streamed([i.path for i in ingredients], merge, base)
     details = TaskVectorDetails(lambda_=lam)

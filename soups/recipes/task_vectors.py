@@ -1,28 +1,33 @@
 """The loop every task-vector recipe shares: N checkpoints (plus the zero-shot start θ₀) merged one tensor key
 at a time, and the ``lambda`` option those recipes take.
 
-All files are opened with ``safe_open`` at once; for each key the tensor is read from every file, merged in
-float32, cast back to the stored dtype and kept, and the inputs are dropped before the next key is read. Peak
-memory is the output model plus the N (+1) tensors of the largest key and the merge's scratch, never N whole
-models. Non-floating tensors (counters, index buffers) cannot be merged and are taken from the first ingredient.
+For each key the N tensors (and θ₀'s) are read as float32 straight into one [N (+1), *shape] buffer and,
+with θ₀, turned into task vectors τᵢ = θᵢ − θ₀ in place; the merge runs on it and its result is cast back
+to the stored dtype and kept. The next key is read into a second buffer meanwhile
+(`soups.tensorfile.read_ahead`), and the two are used in turn: peak memory is the output model plus twice
+the N (+1) tensors of the largest key and the merge's scratch, never N whole models.
+Non-floating tensors (counters, index buffers) cannot be merged and are taken from the first ingredient.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydantic import ConfigDict, Field
-from safetensors import SafetensorError, safe_open
 
-from soups.checkpoint import CheckpointError, StateDict, check_compatible, ensure_finite
+from soups.checkpoint import SAFETENSORS_DTYPES, StateDict, check_compatible, ensure_finite
 from soups.recipes.base import RecipeDetails, RecipeInputs, RecipeOptions
+from soups.tensorfile import TensorFile, read_ahead
 
-Merge = Callable[[str, list[torch.Tensor], torch.Tensor | None], torch.Tensor]
-"""(key, the N ingredients' float32 tensors, θ₀'s float32 tensor or None) -> the merged float32 tensor."""
+Merge = Callable[[str, torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""(key, the N ingredients' float32 tensors stacked as [N, *shape], θ₀'s float32 tensor or None) -> the merged
+float32 tensor. With θ₀ the stacked tensors are the task vectors τᵢ = θᵢ − θ₀, else the weights θᵢ. They are
+scratch the merge may overwrite; the result must be a new tensor."""
 
 
 class TaskVectorOptions(RecipeOptions):
@@ -56,43 +61,39 @@ def merge_streamed(paths: Sequence[Path], merge: Merge, base: Path | None = None
     """
     files = [Path(p) for p in paths] + ([Path(base)] if base is not None else [])
     layout = check_compatible(files)
+    floating = [math.prod(spec.shape) for spec in layout.values() if SAFETENSORS_DTYPES[spec.dtype].is_floating_point]
+    buffers = [torch.empty(len(files) * max(floating, default=0)) for _ in range(2)]
     out: StateDict = {}
     with ExitStack() as stack:
-        handles = [stack.enter_context(_open(path)) for path in files]
-        for key in layout:
-            out[key] = _merge_key(key, handles, files, merge, len(paths))
+        readers = [stack.enter_context(TensorFile(path)) for path in files]
+        jobs = [partial(_read_key, key, readers, len(paths), buffers[index % 2]) for index, key in enumerate(layout)]
+        for key, tensors in zip(layout, read_ahead(jobs), strict=True):
+            out[key] = _merge_key(key, tensors, merge, len(paths), SAFETENSORS_DTYPES[layout[key].dtype])
     return out
 
 
-def _merge_key(key: str, handles: list[Any], files: list[Path], merge: Merge, n: int) -> torch.Tensor:
-    """Read and merge one key; its input tensors live only in this call, so one key's worth is held at a time."""
-    tensors = [_read(handle, key, path) for handle, path in zip(handles, files, strict=True)]
-    first = tensors[0]
-    if not first.is_floating_point():
-        return first
-    for path, tensor in zip(files, tensors, strict=True):
-        ensure_finite(key, tensor, str(path))
-    base = tensors[n].float() if len(tensors) > n else None
-    return merge(key, [t.float() for t in tensors[:n]], base).to(first.dtype)
+def _read_key(key: str, readers: list[TensorFile], n: int, buffer: torch.Tensor) -> torch.Tensor:
+    """Every file's ``key`` as rows of a view of ``buffer`` (float32), each checked finite, the N ingredients'
+    turned into task vectors when θ₀ (the last file) is read too: this runs in the reading thread, so the
+    subtraction overlaps the previous key's merge. A non-floating tensor is the first file's alone."""
+    spec = readers[0].spec(key)
+    if not SAFETENSORS_DTYPES[spec.dtype].is_floating_point:
+        return readers[0].read(key)
+    rows = buffer[: len(readers) * math.prod(spec.shape)].view(len(readers), *spec.shape)
+    for reader, row in zip(readers, rows, strict=True):
+        ensure_finite(key, reader.read_into(key, row), str(reader.path))
+    if len(readers) > n:
+        rows[:n].sub_(rows[n])
+    return rows
 
 
-def _open(path: Path) -> Any:
-    try:
-        return safe_open(str(path), framework="pt")
-    except SafetensorError as err:
-        raise CheckpointError(f"{path}: cannot open ({err}); the file is damaged, fetch it again") from err
-
-
-def _read(handle: Any, key: str, path: Path) -> torch.Tensor:
-    try:
-        return handle.get_tensor(key)
-    except SafetensorError as err:
-        raise CheckpointError(f"{path}: cannot read tensor {key!r} ({err}); the file is damaged") from err
-
-
-def stacked_deltas(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    """Task vectors τᵢ = θᵢ − θ₀ of one key, stacked on a new leading axis ([N, *shape])."""
-    return torch.stack(tensors).sub_(base)
+def _merge_key(key: str, tensors: torch.Tensor, merge: Merge, n: int, dtype: torch.dtype) -> torch.Tensor:
+    if not tensors.is_floating_point():
+        return tensors
+    merged = merge(key, tensors[:n], tensors[n] if len(tensors) > n else None)
+    if merged.untyped_storage().data_ptr() == tensors.untyped_storage().data_ptr():
+        merged = merged.clone()  # a view of the read buffer would be overwritten by the key after next
+    return merged.to(dtype)
 
 
 def base_of(recipe: str, inputs: RecipeInputs) -> Path:

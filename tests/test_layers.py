@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import soups
@@ -38,19 +39,21 @@ def test_no_soups_source_names_an_orchestration_package():
     assert not offenders, offenders
 
 
-def test_cooking_from_files_loads_no_image_or_model_package(tmp_path):
-    """`soups cook` and the merges read safetensors only: torchvision, open_clip and timm stay unloaded."""
+@pytest.mark.parametrize("recipe", ["uniform", "ties"])
+def test_cooking_from_files_loads_no_image_model_or_plotting_package(tmp_path, recipe):
+    """`soups cook` and the merges read safetensors only: torchvision, open_clip, timm and matplotlib stay
+    unloaded, for the plain mean and for a task-vector merge on a zero-shot start."""
     from safetensors.torch import save_file
 
     files = []
-    for k in range(2):
+    for k in range(3):
         files.append(str(tmp_path / f"{k}.safetensors"))
         save_file({"w": torch.full((4,), float(k))}, files[-1])
     out = str(tmp_path / "soup.safetensors")
+    argv = ["cook", recipe, *files[1:], "--out", out, *(["--base", files[0]] if recipe == "ties" else [])]
     script = (
-        "import sys\nfrom cli.main import main\n"
-        f"assert main(['cook', 'uniform', *{files!r}, '--out', {out!r}]) == 0\n"
-        "print(sorted(m for m in ('torchvision', 'open_clip', 'timm') if m in sys.modules))"
+        f"import sys\nfrom cli.main import main\nassert main({argv!r}) == 0\n"
+        "print(sorted(m for m in ('torchvision', 'open_clip', 'timm', 'matplotlib') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout

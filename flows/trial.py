@@ -31,7 +31,8 @@ def trial_flow(config: PipelineConfig, ref: TrialRef, params: dict[str, Any]) ->
         heartbeats.add(trial)
         try:
             config = fetched_start(config, client_for(tracking))
-            inputs = prepare_finetune(config.finetune_config(), resolve_device(config.train.device))
+            decoded = config.tracking.resolved_cache_dir() / "decoded"
+            inputs = prepare_finetune(config.finetune_config(), resolve_device(config.train.device), decoded)
         except BaseException as err:
             fail_trial(trial, err)
             raise

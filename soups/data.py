@@ -46,6 +46,7 @@ file surfaces when it is read, as `FileDataset` describes (``data.bad_files``).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,13 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.images[i]).convert("RGB"), int(self.labels[i])
+
+    def fingerprint(self) -> str:
+        """sha256 of the pixels and labels: what its decoded copies are keyed by (`soups.decoded`)."""
+        digest = hashlib.sha256(f"array {self.images.shape} {self.images.dtype}".encode())
+        digest.update(np.ascontiguousarray(self.images).tobytes())
+        digest.update(np.asarray(self.labels, dtype="<i8").tobytes())
+        return digest.hexdigest()
 
 
 def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:

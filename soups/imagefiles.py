@@ -120,6 +120,18 @@ class FileDataset(Dataset):
         """The same files and labels, ``border`` pixels cropped off every side of each image as it is read."""
         return FileDataset(self.paths, self.labels, self.on_bad, border)
 
+    def fingerprint(self) -> str:
+        """sha256 of every file's path, size and mtime, its label, the border crop and the bad-file policy: what
+        its decoded copies are keyed by (`soups.decoded`); a file rewritten, added or removed changes it."""
+        digest = hashlib.sha256(f"files {self.border} {self.on_bad}\n".encode())
+        for path, label in zip(self.paths, self.labels, strict=True):
+            try:
+                stat = os.stat(path)
+                digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode())
+            except OSError:
+                digest.update(f"{os.path.abspath(path)}\0missing\0{label}\n".encode())
+        return digest.hexdigest()
+
 
 # ----------------------------------------------------------------------------------- cached listings
 

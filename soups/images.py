@@ -8,7 +8,7 @@ GPU is 4x smaller than float.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
@@ -157,8 +157,16 @@ class StreamedImages:
         yield from self._loaders[batch_size]
 
 
+Decoder = Callable[[Dataset, Preprocess], ImageTensors]
+"""How a split fitting in memory is decoded: `decode`, or `soups.decoded`'s machine-wide cache of it."""
+
+
 def cached_or_streamed(
-    datasets: Sequence[tuple[str, Dataset]], preprocess: Preprocess, cache_bytes: int, workers: int
+    datasets: Sequence[tuple[str, Dataset]],
+    preprocess: Preprocess,
+    cache_bytes: int,
+    workers: int,
+    decoder: Decoder = decode,
 ) -> dict[str, ImageSplit]:
     """Decode splits into memory in the given order (most-used first) while they fit ``cache_bytes`` in all;
     stream the rest."""
@@ -167,7 +175,7 @@ def cached_or_streamed(
     for name, dataset in datasets:
         size = len(dataset) * preprocess.image_bytes()
         if size <= left:
-            splits[name], left = decode(dataset, preprocess), left - size
+            splits[name], left = decoder(dataset, preprocess), left - size
         else:
             splits[name] = StreamedImages(dataset, preprocess, workers)
     return splits

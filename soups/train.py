@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,9 @@ from torch.nn import functional as F
 
 from soups.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 from soups.data import DatasetBundle, load_dataset
+from soups.decoded import cached_decode
 from soups.evaluate import evaluate
-from soups.images import ImageSplit, Preprocess, StreamedImages, cached_or_streamed, decode
+from soups.images import ImageSplit, Preprocess, StreamedImages, cached_or_streamed
 from soups.models import ClipClassifier, build_classifier, save_classifier
 from soups.probe import fit_head, head_accuracy, head_loss, image_features
 from soups.runtime import determinism_record, resolve_device, use_cores, use_determinism
@@ -102,19 +104,26 @@ class FinetuneInputs:
     probe: LinearProbe | None = None
 
 
-def prepare_finetune(config: FinetuneConfig, device: torch.device | str = "cpu") -> FinetuneInputs:
+def prepare_finetune(
+    config: FinetuneConfig, device: torch.device | str = "cpu", decoded_cache: Path | None = None
+) -> FinetuneInputs:
     """Load the dataset and build the zero-shot start once for many runs; decode held-out, and train when it fits
-    ``train.cache_bytes`` (otherwise each run streams it with ``train.workers`` processes). With ``train.init:
-    linear_probe`` also fit the linear probe once (`fit_linear_probe`): it depends only on the start, the train
-    split and the probe settings, none of which a trial's sampled learning settings change."""
+    ``train.cache_bytes`` (otherwise each run streams it with ``train.workers`` processes), through the machine's
+    ``decoded_cache`` folder when given (`soups.decoded`: a process per trial decodes each split once per
+    machine). With ``train.init: linear_probe`` also fit the linear probe once (`fit_linear_probe`): it depends
+    only on the start, the train split and the probe settings, none of which a trial's sampled learning settings
+    change."""
     use_determinism(config.train.deterministic)  # before the first CUDA work: cuBLAS reads its workspace once
     bundle = load_dataset(config.data)
     start = zero_shot_start(config.model, bundle, device)
     preprocess = Preprocess.of(start)
     settings = config.train
-    splits = cached_or_streamed([("heldout", bundle.heldout)], preprocess, settings.cache_bytes, settings.workers)
+    decoder = partial(cached_decode, cache_dir=decoded_cache)
+    splits = cached_or_streamed(
+        [("heldout", bundle.heldout)], preprocess, settings.cache_bytes, settings.workers, decoder
+    )
     fits = len(bundle.train) * preprocess.image_bytes() <= settings.cache_bytes
-    train = TrainImages(bundle.train, decode(bundle.train, preprocess) if fits else None)
+    train = TrainImages(bundle.train, decoder(bundle.train, preprocess) if fits else None)
     heldout = splits["heldout"]
     probe = None
     if settings.init == "linear_probe":

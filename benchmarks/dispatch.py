@@ -87,6 +87,9 @@ def main() -> None:
         print(f"{dispatch:<12}{result['overhead']:>20.2f}{result['sweep_wall']:>16.1f}")
     extra = results["deployment"]["overhead"] - results["local"]["overhead"]
     print(f"deployment overhead - local overhead: {extra:.2f}s per trial")
+    print(
+        f"overhead_local={results['local']['overhead']:.2f} overhead_deployment={results['deployment']['overhead']:.2f}"
+    )
 
 
 if __name__ == "__main__":

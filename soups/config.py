@@ -318,7 +318,7 @@ class SweepConfig(_Section):
         description="'flow/deployment' that runs one trial when dispatch is 'deployment' (deployments/prefect.yaml).",
     )
     poll_seconds: float = Field(
-        2.0, gt=0, description="How often a 'deployment' sweep checks its trials' flow runs and Optuna states."
+        0.5, gt=0, description="How often a 'deployment' sweep checks its trials' flow runs and Optuna states."
     )
     heartbeat_seconds: int = Field(
         60,

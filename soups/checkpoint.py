@@ -31,6 +31,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _MISMATCHES_SHOWN = 5
 
@@ -230,38 +231,36 @@ def save_state_dict(
     state_dict: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Write to a temporary name in the same folder, then rename: readers never see a half-written file. Equal
-    tensors and metadata give equal bytes (the metadata is written in key order), so a file's sha256 says
-    whether two runs made the same checkpoint."""
-    from safetensors.torch import save_file
-
+    tensors and metadata give equal bytes (keys and metadata in order), so a file's sha256 says whether two
+    runs made the same checkpoint. Each tensor's bytes are written from its own memory: safetensors' writer
+    first copies every tensor into one bytes object, a second model in memory while a soup is written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if any(not isinstance(value, str) for value in (metadata or {}).values()):
+        raise TypeError(f"safetensors metadata values are strings: {dict(metadata or {})!r:.200}")
+    tensors = {k: state_dict[k].detach().contiguous().cpu() for k in sorted(state_dict)}
+    header: dict[str, object] = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
+    offset = 0
+    for key, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors pads its header to 8 bytes with spaces
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
-        _sort_metadata(tmp)
+        with tmp.open("wb") as f:
+            f.write(struct.pack("<Q", len(encoded)) + encoded)
+            for tensor in tensors.values():
+                f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def _sort_metadata(path: Path) -> None:
-    """Rewrite the header with its metadata in key order, in place: safetensors writes metadata in the order of
-    a hash map seeded per process, so the same checkpoint got other bytes in every process. The header keeps
-    its length (the same pairs in another order), so the tensor data does not move."""
-    with Path(path).open("r+b") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-        if len(header.get("__metadata__") or {}) < 2:
-            return
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        ordered = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(ordered) > length:  # never: the same JSON values re-encoded; a longer header would move the data
-            raise CheckpointError(f"{path}: cannot reorder its safetensors metadata in place")
-        f.seek(8)
-        f.write(ordered.ljust(length, b" "))  # safetensors pads headers with spaces too
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -22,7 +22,7 @@ from soups.checkpoint import (
     ensure_finite,
     load_state_dict,
 )
-from soups.tensorfile import TensorFile, read_ahead
+from soups.tensorfile import READERS, TensorFile, read_ahead
 
 Coefficients = torch.Tensor | Mapping[str, torch.Tensor]
 """One weight per checkpoint ([N]), or one [N] vector per tensor key (by-layer mixing)."""
@@ -36,8 +36,9 @@ def average_checkpoints(
     """Weighted average of checkpoint files (uniform when no coefficients), one tensor read at a time.
 
     Checkpoints are visited one after the other and each tensor is added into a float32 accumulator as soon
-    as it is read, into one of two reused buffers while the next is read into the other, so peak memory is
-    the accumulator plus two tensors, whatever the number of files. The result has each tensor's stored
+    as it is read, into one of a few reused buffers while the next tensors are read into the others
+    (`soups.tensorfile.read_ahead`), so peak memory is the accumulator plus READERS + 1 tensors, whatever the
+    number of files. The result has each tensor's stored
     dtype unless ``dtype`` is given.
     """
     layout = check_compatible(paths)
@@ -45,12 +46,14 @@ def average_checkpoints(
     if coefficients is None:
         coefficients = torch.full((n,), 1.0 / n, dtype=torch.float64)
     largest = max((math.prod(s.shape) * SAFETENSORS_DTYPES[s.dtype].itemsize for s in layout.values()), default=0)
-    buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(2)]
+    buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(READERS + 1)]
     order = [(index, key) for index in range(n) for key in layout]
     accumulator: StateDict = {}
     with ExitStack() as stack:
         files = [stack.enter_context(TensorFile(Path(path))) for path in paths]
-        jobs = [partial(_read, files[index], key, buffers[step % 2]) for step, (index, key) in enumerate(order)]
+        jobs = [
+            partial(_read, files[index], key, buffers[step % len(buffers)]) for step, (index, key) in enumerate(order)
+        ]
         for (index, key), tensor in zip(order, read_ahead(jobs), strict=True):
             if not tensor.is_floating_point():
                 accumulator.setdefault(key, tensor.clone())

@@ -10,8 +10,10 @@ next tensor is read while torch computes on the current one.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 from typing import TypeVar
 
@@ -80,17 +82,22 @@ class TensorFile:
             done += count
 
 
-def read_ahead(jobs: Iterable[Callable[[], T]]) -> Iterator[T]:
-    """Run ``jobs`` in order in one worker thread, job i+1 while the caller works on result i and never
-    further ahead: job i+2 starts only once the caller asked for result i+1, so two buffers used in turn
-    (job i writes buffer i % 2) are never written while the caller reads them. A job's exception is raised
-    where its result would have been yielded."""
+READERS = 2
+"""Jobs run at once ahead of the caller: reading and checking N tensors takes longer than most merges of
+them, so two threads read while the caller merges; ``READERS + 1`` buffers are used in turn."""
+
+
+def read_ahead(jobs: Iterable[Callable[[], T]], ahead: int = READERS) -> Iterator[T]:
+    """Run ``jobs`` in order on ``ahead`` worker threads, at most ``ahead`` jobs past the result the caller
+    works on: job i + ahead + 1 starts only once the caller asked for result i + 1, so ``ahead + 1`` buffers
+    used in turn (job i writes buffer i % (ahead + 1)) are never written while the caller reads them. A job's
+    exception is raised where its result would have been yielded."""
     iterator = iter(jobs)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="soups-read") as pool:
-        first = next(iterator, None)
-        pending = pool.submit(first) if first is not None else None
-        while pending is not None:
-            result = pending.result()
+    with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="soups-read") as pool:
+        pending = deque(pool.submit(job) for job in islice(iterator, ahead))
+        while pending:
+            result = pending.popleft().result()
             following = next(iterator, None)
-            pending = pool.submit(following) if following is not None else None
+            if following is not None:
+                pending.append(pool.submit(following))
             yield result

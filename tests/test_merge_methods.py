@@ -15,7 +15,7 @@ from soups.recipes import RecipeInputs, cook, recipe_options
 from soups.recipes import task_vectors as task_vectors_module
 from soups.recipes.dare import drop_generator
 from soups.recipes.ties import trim
-from soups.tensorfile import read_ahead
+from soups.tensorfile import READERS, read_ahead
 from tests.helpers import random_state_dict, write_ingredients
 
 
@@ -199,7 +199,7 @@ def test_greedy_combine_is_checked_against_the_registry():
 
 
 @pytest.mark.parametrize("recipe", ["task_arithmetic", "ties", "dare", "model_stock", "slerp"])
-def test_recipes_read_key_after_key_into_two_buffers_used_in_turn(tmp_path, monkeypatch, recipe):
+def test_recipes_read_key_after_key_into_a_few_buffers_used_in_turn(tmp_path, monkeypatch, recipe):
     keys, n = 12, 3
     g = torch.Generator().manual_seed(0)
     files = [
@@ -207,24 +207,26 @@ def test_recipes_read_key_after_key_into_two_buffers_used_in_turn(tmp_path, monk
         for i in range(n + 1)
     ]
     ingredients, inputs = files[:n], RecipeInputs(base=files[n].path)
-    buffers: list[int] = []
+    used: dict[str, int] = {}
     read_key = task_vectors_module._read_key
 
     def recording_read_key(key: str, readers: list, n: int, buffer: torch.Tensor) -> torch.Tensor:
         rows = read_key(key, readers, n, buffer)
-        buffers.append(rows.untyped_storage().data_ptr())
+        used[key] = rows.untyped_storage().data_ptr()
         return rows
 
     monkeypatch.setattr(task_vectors_module, "_read_key", recording_read_key)
     (dish,) = cook(recipe, ingredients, inputs)
+    buffers = [used[key] for key in sorted(used)]  # the order the jobs were given in: the files' key order
     assert len(buffers) == keys, "every key is read once, all its files at once"
-    assert len(set(buffers[::2])) == len(set(buffers[1::2])) == 1 and buffers[0] != buffers[1], "two in turn"
+    turn = READERS + 1
+    assert len(set(buffers)) == turn and buffers == [buffers[i % turn] for i in range(keys)], "buffers in turn"
     assert not {t.untyped_storage().data_ptr() for t in dish.state_dict.values()} & set(buffers)
     distinct = {tuple(t.flatten().tolist()) for t in dish.state_dict.values()}
     assert len(distinct) == keys, "no key's result was overwritten by a later key's read"
 
 
-def test_read_ahead_runs_one_job_ahead_and_raises_where_the_failed_result_was_due():
+def test_read_ahead_runs_at_most_ahead_jobs_ahead_and_raises_where_the_failed_result_was_due():
     started: list[int] = []
 
     def job(index: int) -> int:
@@ -233,9 +235,11 @@ def test_read_ahead_runs_one_job_ahead_and_raises_where_the_failed_result_was_du
             raise ValueError("job 3 failed")
         return index
 
-    received = []
-    with pytest.raises(ValueError, match="job 3 failed"):
-        for value in read_ahead([functools.partial(job, i) for i in range(5)]):
-            assert value + 2 not in started, "never two jobs ahead of the caller"
-            received.append(value)
-    assert received == [0, 1, 2] and 4 not in started
+    for ahead in (1, 2):
+        started.clear()
+        received = []
+        with pytest.raises(ValueError, match="job 3 failed"):
+            for value in read_ahead([functools.partial(job, i) for i in range(6)], ahead):
+                assert value + ahead + 1 not in started, "never more than `ahead` jobs past the caller"
+                received.append(value)
+        assert received == [0, 1, 2] and 3 + ahead not in started

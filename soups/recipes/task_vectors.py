@@ -3,8 +3,8 @@ at a time, and the ``lambda`` option those recipes take.
 
 For each key the N tensors (and θ₀'s) are read as float32 straight into one [N (+1), *shape] buffer and,
 with θ₀, turned into task vectors τᵢ = θᵢ − θ₀ in place; the merge runs on it and its result is cast back
-to the stored dtype and kept. The next key is read into a second buffer meanwhile
-(`soups.tensorfile.read_ahead`), and the two are used in turn: peak memory is the output model plus twice
+to the stored dtype and kept. The next keys are read meanwhile by `soups.tensorfile.READERS` threads
+(`read_ahead`) into READERS + 1 buffers used in turn: peak memory is the output model plus READERS + 1 times
 the N (+1) tensors of the largest key and the merge's scratch, never N whole models.
 Non-floating tensors (counters, index buffers) cannot be merged and are taken from the first ingredient.
 """
@@ -22,7 +22,7 @@ from pydantic import ConfigDict, Field
 
 from soups.checkpoint import SAFETENSORS_DTYPES, StateDict, check_compatible, ensure_finite
 from soups.recipes.base import RecipeDetails, RecipeInputs, RecipeOptions
-from soups.tensorfile import TensorFile, read_ahead
+from soups.tensorfile import READERS, TensorFile, read_ahead
 
 Merge = Callable[[str, torch.Tensor, torch.Tensor | None], torch.Tensor]
 """(key, the N ingredients' float32 tensors stacked as [N, *shape], θ₀'s float32 tensor or None) -> the merged
@@ -62,11 +62,14 @@ def merge_streamed(paths: Sequence[Path], merge: Merge, base: Path | None = None
     files = [Path(p) for p in paths] + ([Path(base)] if base is not None else [])
     layout = check_compatible(files)
     floating = [math.prod(spec.shape) for spec in layout.values() if SAFETENSORS_DTYPES[spec.dtype].is_floating_point]
-    buffers = [torch.empty(len(files) * max(floating, default=0)) for _ in range(2)]
+    buffers = [torch.empty(len(files) * max(floating, default=0)) for _ in range(READERS + 1)]
     out: StateDict = {}
     with ExitStack() as stack:
         readers = [stack.enter_context(TensorFile(path)) for path in files]
-        jobs = [partial(_read_key, key, readers, len(paths), buffers[index % 2]) for index, key in enumerate(layout)]
+        jobs = [
+            partial(_read_key, key, readers, len(paths), buffers[index % len(buffers)])
+            for index, key in enumerate(layout)
+        ]
         for key, tensors in zip(layout, read_ahead(jobs), strict=True):
             out[key] = _merge_key(key, tensors, merge, len(paths), SAFETENSORS_DTYPES[layout[key].dtype])
     return out

@@ -204,6 +204,24 @@ def load_state_dict(path: Path) -> StateDict:
     return dict(iter_tensors(Path(path)))
 
 
+@torch.no_grad()
+def load_checkpoint_into(module: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """Copy a checkpoint file into ``module`` tensor by tensor, strictly (same keys and shapes, cast to the
+    module's dtypes as ``load_state_dict`` does): no state dict of the file is ever held, one tensor at a time."""
+    targets = module.state_dict()
+    layout = read_header(Path(path))
+    missing, unexpected = [k for k in targets if k not in layout], [k for k in layout if k not in targets]
+    wrong = [k for k, spec in layout.items() if k in targets and tuple(targets[k].shape) != spec.shape]
+    if missing or unexpected or wrong:
+        raise RuntimeError(
+            f"{path} does not fit the module: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, "
+            f"shape mismatches {wrong[:5]}"
+        )
+    for key, tensor in iter_tensors(Path(path)):
+        targets[key].copy_(tensor)
+    return module
+
+
 def ensure_finite(key: str, tensor: torch.Tensor, source: str) -> None:
     """Refuse NaN/inf values. A float32 sum is finite exactly when every entry is (barring overflow of huge
     values, which the exact check below then clears), and costs a tenth of an elementwise isfinite."""

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,8 +191,14 @@ def file_sha256(path: Path) -> str:
 def weights_digest(path: Path) -> str:
     """sha256 of the tensors alone (names, dtypes, shapes, bytes, in key order). Equal weights give equal
     digests whatever the file's metadata, whose order safetensors does not keep stable across processes."""
+    return tensors_digest(iter_tensors(Path(path), sorted(read_header(Path(path)))))
+
+
+def tensors_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """`weights_digest` of (key, tensor) pairs given in key order: the digest of a file before it is written,
+    so a writer need not read it back."""
     digest = hashlib.sha256()
-    for key, tensor in iter_tensors(Path(path), sorted(read_header(Path(path)))):
+    for key, tensor in tensors:
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()

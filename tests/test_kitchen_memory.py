@@ -150,3 +150,22 @@ def test_a_registered_soup_is_a_hard_link_of_the_cooked_checkpoint(tmp_path):
     source = client.get_model_version(config.experiment, registered.version).source
     (stored,) = local_folder(source).rglob("weights.safetensors")
     assert os.stat(stored).st_ino == os.stat(cooked).st_ino, "the store holds the cooked file itself, written once"
+
+
+def test_an_import_writes_what_a_strict_load_writes_and_digests_it_without_reading_it_back(tmp_path):
+    from soups.checkpoint import weights_digest
+    from soups.importing import convert, read_checkpoint, to_classifier_state_dict
+    from soups.models import classifier_from_state_dict, create_clip
+
+    clip = create_clip("soups-vit-tiny")[0]
+    paper = {f"model.{k}": v for k, v in clip.state_dict().items() if not k.startswith("transformer.")}
+    paper |= {"classification_head.weight": torch.randn(3, 64), "classification_head.bias": torch.randn(3)}
+    torch.save(paper, tmp_path / "paper.pt")
+    converted = convert(tmp_path / "paper.pt", "soups-vit-tiny", "auto", tmp_path / "out")
+    loaded = classifier_from_state_dict(
+        to_classifier_state_dict(read_checkpoint(tmp_path / "paper.pt"), "model-soups"), "soups-vit-tiny"
+    )
+    written = load_state_dict(converted.path)
+    assert sorted(written) == sorted(loaded.state_dict()), "the architecture's keys, no text leftovers"
+    assert all(torch.equal(written[k], v) for k, v in loaded.state_dict().items())
+    assert converted.weights_sha256 == weights_digest(converted.path)

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,8 +202,14 @@ def file_sha256(path: Path) -> str:
 def weights_digest(path: Path) -> str:
     """sha256 of the tensors alone (names, dtypes, shapes, bytes, in key order). Equal weights give equal
     digests whatever the file's metadata, whose order safetensors does not keep stable across processes."""
+    return tensors_digest(iter_tensors(Path(path), sorted(read_header(Path(path)))))
+
+
+def tensors_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """`weights_digest` of (key, tensor) pairs given in key order: the digest of a file before it is written,
+    so a writer need not read it back."""
     digest = hashlib.sha256()
-    for key, tensor in iter_tensors(Path(path), sorted(read_header(Path(path)))):
+    for key, tensor in tensors:
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
@@ -213,6 +219,24 @@ def load_state_dict(path: Path) -> StateDict:
     """Load a whole checkpoint (validated header first, so errors name the file)."""
     read_header(Path(path))
     return dict(iter_tensors(Path(path)))
+
+
+@torch.no_grad()
+def load_checkpoint_into(module: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """Copy a checkpoint file into ``module`` tensor by tensor, strictly (same keys and shapes, cast to the
+    module's dtypes as ``load_state_dict`` does): no state dict of the file is ever held, one tensor at a time."""
+    targets = module.state_dict()
+    layout = read_header(Path(path))
+    missing, unexpected = [k for k in targets if k not in layout], [k for k in layout if k not in targets]
+    wrong = [k for k, spec in layout.items() if k in targets and tuple(targets[k].shape) != spec.shape]
+    if missing or unexpected or wrong:
+        raise RuntimeError(
+            f"{path} does not fit the module: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, "
+            f"shape mismatches {wrong[:5]}"
+        )
+    for key, tensor in iter_tensors(Path(path)):
+        targets[key].copy_(tensor)
+    return module
 
 
 def ensure_finite(key: str, tensor: torch.Tensor, source: str) -> None:

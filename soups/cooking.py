@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from soups.candidates import INGREDIENT, Candidate
-from soups.checkpoint import Ingredient, load_state_dict, save_state_dict
+from soups.checkpoint import Ingredient, save_state_dict
 from soups.config import KitchenConfig, PipelineConfig, RecipeChoice
 from soups.data import DatasetBundle, load_dataset
 from soups.evaluate import Evaluator, evaluation_splits
@@ -163,9 +163,11 @@ def _same_images(dataset: Any, heldout: Any) -> bool:
 
 
 def score_ingredients(setup: CookingSetup, ingredients: Sequence[Ingredient]) -> list[Candidate]:
+    """Each ingredient streamed into the evaluator's one module and scored: one ingredient in memory at a time,
+    and only as that module's weights."""
     candidates = []
     for ingredient in ingredients:
-        report = setup.evaluator.report(load_state_dict(ingredient.path))
+        report = setup.evaluator.report(path=ingredient.path)
         candidates.append(
             Candidate(
                 ingredient.name,

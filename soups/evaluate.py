@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from soups.checkpoint import StateDict
+from soups.checkpoint import StateDict, load_checkpoint_into
 from soups.config import Precision
 from soups.data import DatasetBundle
 from soups.images import ImageSplit, ImageTensors, Preprocess, cached_or_streamed
@@ -63,6 +64,14 @@ def group_index(groups: Groups, device: torch.device | str = "cpu") -> torch.Ten
 def pool_logits(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """[B, classes] -> [B, G]: each group's score is the max of its classes' logits (`group_index`)."""
     return logits[:, index].amax(dim=-1)
+
+
+@runtime_checkable
+class MemberEnsemble(Protocol):
+    """A model whose output is the mean of its member checkpoints' logits (`soups.recipes.ensemble`): the
+    evaluator scores it member by member in its own module, one model's weights at a time."""
+
+    members: list[Path]
 
 
 def _forward(
@@ -181,6 +190,10 @@ class Evaluator:
         self.module.load_state_dict(state_dict, strict=True)
         return self.module
 
+    def load_file(self, path: Path) -> nn.Module:
+        """The checkpoint at ``path`` streamed into the one module (`load_checkpoint_into`)."""
+        return load_checkpoint_into(self.module, path)
+
     def metrics(self, split: str, model: nn.Module | None = None) -> Metrics:
         return evaluate(model or self.module, self.splits[split], self.preprocess, **self._how(split))
 
@@ -194,6 +207,41 @@ class Evaluator:
         self.load(state_dict)
         return logits_of(self.module, self.splits[split], self.preprocess, **self._how(split))
 
+    @torch.inference_mode()
+    def ensemble_metrics(self, split: str, members: Sequence[Path]) -> Metrics:
+        """Metrics of the mean logits of ``members`` on ``split``: each member loaded into the module once and its
+        logits added per batch, as a module averaging its members' outputs batch by batch would (same sums, same
+        order, in the dtype the module computes in), so one model and one split's summed logits are held."""
+        how = self._how(split)
+        totals: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        for index, path in enumerate(members):
+            self.load_file(path)
+            for batch, (logits, batch_labels) in enumerate(self._raw_logits(split, how)):
+                if index == 0:
+                    totals.append(logits)
+                    labels.append(batch_labels)
+                else:
+                    totals[batch] = totals[batch] + logits
+        index = group_index(how["groups"], self.device) if how["groups"] is not None else None
+        hits, loss_sum = [], torch.zeros((), device=self.device)
+        for total, batch_labels in zip(totals, labels, strict=True):
+            mean = (total / len(members)).float()
+            mean = pool_logits(mean, index) if index is not None else mean
+            loss_sum += F.cross_entropy(mean, batch_labels, reduction="sum")
+            hits.append(mean.argmax(dim=-1) == batch_labels)
+        data = self.splits[split]
+        correct = torch.cat(hits).cpu()
+        return Metrics(float(correct.float().mean()), float(loss_sum) / len(data), len(data), correct)
+
+    def _raw_logits(self, split: str, how: dict[str, Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(logits as the module outputs them under the split's precision, labels) per batch."""
+        self.module.eval()
+        for images, labels in self.splits[split].batches(how["batch_size"]):
+            images = self.preprocess.normalize(images.to(self.device, non_blocking=True))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=how["precision"] == "bf16"):
+                yield self.module(images), labels.to(self.device, non_blocking=True)
+
     def _how(self, split: str) -> dict[str, Any]:
         """How every evaluation of ``split`` runs: batch, device, its class groups, the precision."""
         groups = self.class_groups.get(split)
@@ -202,17 +250,24 @@ class Evaluator:
     def labels(self, split: str = "heldout") -> torch.Tensor:
         return self.splits[split].labels
 
-    def report(self, state_dict: StateDict | None = None, model: nn.Module | None = None) -> Report:
+    def report(
+        self, state_dict: StateDict | None = None, model: nn.Module | None = None, path: Path | None = None
+    ) -> Report:
         """Accuracy on every split, loss on held-out, the mean over shift sets (the paper's OOD score) and over
-        ood-validation sets, each with a seeded bootstrap interval when ``bootstrap`` resamples are asked for."""
+        ood-validation sets, each with a seeded bootstrap interval when ``bootstrap`` resamples are asked for.
+        ``path``: a checkpoint streamed into the module (`load_file`); a `MemberEnsemble` ``model`` is scored
+        member by member in the module (`ensemble_metrics`)."""
         if state_dict is not None:
             self.load(state_dict)
-        if model is not None:
+        if path is not None:
+            self.load_file(path)
+        members = model.members if isinstance(model, MemberEnsemble) else None
+        if model is not None and members is None:
             model = model.to(self.device).eval()
         scores: dict[str, float] = {}
         hits: dict[str, torch.Tensor] = {}
         for split in self.splits:
-            metrics = self.metrics(split, model)
+            metrics = self.ensemble_metrics(split, members) if members else self.metrics(split, model)
             scores[split], hits[split] = metrics.accuracy, metrics.hits
             if split == "heldout":
                 scores["heldout_loss"] = metrics.loss

@@ -24,6 +24,7 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +40,9 @@ from soups.checkpoint import (
     file_sha256,
     load_state_dict,
     save_state_dict,
-    weights_digest,
+    tensors_digest,
 )
-from soups.models import CheckpointMismatchError, classifier_from_state_dict, model_config
+from soups.models import CheckpointMismatchError, ClipClassifier, classifier_from_state_dict, model_config
 
 Format = Literal["open_clip", "model-soups"]
 FORMATS: tuple[str, ...] = ("auto", "open_clip", "model-soups")
@@ -85,14 +86,16 @@ class ConvertedCheckpoint:
     notes: tuple[str, ...] = ()
 
 
-def read_checkpoint(path: Path) -> StateDict:
-    """Tensors of a safetensors file, or of a PyTorch file loaded without running any pickled code."""
+def read_checkpoint(path: Path, mapped: bool = False) -> StateDict:
+    """Tensors of a safetensors file, or of a PyTorch file loaded without running any pickled code. ``mapped``:
+    a PyTorch zip file is mapped, not read, so tensors cost memory only when used and the unused ones (the text
+    tower's leftovers) never do; the file must then not be rewritten while the tensors live."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointImportError(f"{path}: no such file; check the path")
     if _is_safetensors(path):
         return load_state_dict(path)
-    loaded = _torch_load(path)
+    loaded = _torch_load(path, mapped and zipfile.is_zipfile(path))
     return _strip_parallel_prefix(_unwrap(loaded, path))
 
 
@@ -134,17 +137,19 @@ def convert(path: Path, model_name: str, fmt: str, out_dir: Path) -> ConvertedCh
     if fmt not in FORMATS:
         raise CheckpointImportError(f"{path}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     config = model_config(model_name)
-    raw = read_checkpoint(path)
+    raw = read_checkpoint(path, mapped=True)
     layout = detect_format(raw, str(path)) if fmt == "auto" else cast(Format, fmt)
+    renamed = to_classifier_state_dict(raw, layout)
     try:
-        classifier = classifier_from_state_dict(to_classifier_state_dict(raw, layout), model_name, source=str(path))
+        classifier = _architecture_shell(renamed, model_name, str(path))
     except CheckpointMismatchError as err:
         raise CheckpointImportError(
             f"{err} (read as {layout}); pass --model with the architecture it was fine-tuned from"
             + (", or --format if that layout is wrong" if fmt == "auto" else ", or another --format")
         ) from err
-    del raw  # the source tensors (450 MB for the paper's ViT-B/32) are not needed past the strict load
-    state_dict = classifier.state_dict()
+    # The classifier's keys in its order and dtypes, as a strict load would leave them.
+    state_dict = {key: renamed[key].to(shell.dtype) for key, shell in classifier.state_dict().items()}
+    del raw, renamed
     for key, tensor in state_dict.items():
         ensure_finite(key, tensor, str(path))
     metadata = {
@@ -157,12 +162,20 @@ def convert(path: Path, model_name: str, fmt: str, out_dir: Path) -> ConvertedCh
     return ConvertedCheckpoint(
         path=out,
         sha256=file_sha256(out),
-        weights_sha256=weights_digest(out),
+        weights_sha256=tensors_digest(sorted(state_dict.items())),  # as weights_digest(out), without reading it
         num_classes=classifier.num_classes,
         source=path,
         format=layout,
         notes=_activation_notes(config, model_name, layout),
     )
+
+
+def _architecture_shell(state_dict: Mapping[str, torch.Tensor], model_name: str, source: str) -> ClipClassifier:
+    """The architecture built on the meta device (no weights made or initialised: milliseconds, not seconds, for
+    ViT-B/32) and strictly checked against ``state_dict``'s keys and shapes (`classifier_from_state_dict`)."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*meta parameter.*")  # the check is the point, not the copy
+        return classifier_from_state_dict(state_dict, model_name, device="meta", source=source)
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -171,11 +184,11 @@ def _is_safetensors(path: Path) -> bool:
         return f.read(9)[8:] == b"{"
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, mapped: bool) -> Any:
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses anyway
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL (\S+)", str(err))
         what = f"the object {found.group(1)}" if found else "objects other than tensors"

@@ -20,6 +20,7 @@ from soups.checkpoint import file_sha256
 from soups.config import PipelineConfig
 from soups.importing import ConvertedCheckpoint, convert
 from soups.models import model_config
+from tasks.adapters.packaging import link_or_copy, local_folder
 from tasks.adapters.tracking import (
     CHECKPOINT_ARTIFACT,
     client_for,
@@ -51,7 +52,9 @@ def import_checkpoints(config: PipelineConfig, files: Sequence[Path], fmt: str =
         if source_sha256 in known:
             versions.append(_skipped(config, path, known[source_sha256], "this file"))
             continue
-        with tempfile.TemporaryDirectory(prefix="soups-import-") as scratch:
+        # Scratch beside the store, so a local store links the converted file in instead of copying it.
+        config.tracking.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".soups-import-", dir=config.tracking.root) as scratch:
             converted = convert(path, config.model.name, fmt, Path(scratch))
             for note in converted.notes:
                 print(f"{path}: note: {note}")
@@ -103,7 +106,11 @@ def _register(
     with tracked_run(client, experiment_id, f"import-{converted.source.stem}", run_tags) as run_id:
         params = {"source_file": source_file, "format": converted.format, "model_name": config.model.name}
         log_params(client, run_id, {**params, "num_classes": str(converted.num_classes)})
-        client.log_artifact(run_id, str(converted.path), CHECKPOINT_ARTIFACT)
+        store = local_folder(client.get_run(run_id).info.artifact_uri)
+        if store is None:
+            client.log_artifact(run_id, str(converted.path), CHECKPOINT_ARTIFACT)
+        else:  # written once: the store's file is the converted one
+            link_or_copy(converted.path, store / CHECKPOINT_ARTIFACT / converted.path.name)
         tags = {
             "study": config.study_name,
             "trial_number": str(index),

@@ -102,13 +102,13 @@ def test_learned_soup_by_layer_has_a_weight_per_ingredient_per_tensor(digits, po
 def test_learned_mix_reads_each_checkpoint_once_and_leaves_the_module_alone(digits, pool, monkeypatch):
     ingredients, _ = pool
     opened: list[str] = []
-    real_open = learned_module.safe_open
+    real_read = learned_module.iter_tensors
 
-    def counting_open(path, *args, **kwargs):
-        opened.append(path)
-        return real_open(path, *args, **kwargs)
+    def counting_read(path, *args, **kwargs):
+        opened.append(str(path))
+        return real_read(path, *args, **kwargs)
 
-    monkeypatch.setattr(learned_module, "safe_open", counting_open)
+    monkeypatch.setattr(learned_module, "iter_tensors", counting_read)
     module = _small_cnn()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     mix = learn_mixing(module, [i.path for i in ingredients], _fit_set(digits), LearnedOptions(epochs=2, batch_size=64))

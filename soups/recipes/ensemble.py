@@ -1,41 +1,39 @@
 """Ensemble baselines: the logit ensemble of every ingredient and the paper's greedy ensemble (N× the
-inference cost of a soup for N members)."""
+inference cost of a soup for N members).
+
+An ensemble holds its members as checkpoint files and one module: each member's weights are streamed into the
+module in turn, so one model is in memory whatever N (the kitchen's evaluator scores it member by member,
+summing logits per batch: `soups.evaluate.Evaluator.ensemble_metrics`)."""
 
 from __future__ import annotations
 
-import copy
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
-from torch.func import functional_call
 
-from soups.checkpoint import Ingredient, StateDict
+from soups.checkpoint import Ingredient, ensure_finite, iter_tensors, load_checkpoint_into
 from soups.recipes.base import Dish, NoOptions, Recipe, RecipeDetails, RecipeInputs, RecipeOptions
 from soups.selection import best_first
-from soups.statedict import load_ingredient, to_float32
+from soups.statedict import load_ingredient
 
 
 class LogitEnsemble(nn.Module):
-    """Runs one base module with each member's weights in turn and averages the logits."""
+    """The mean logits of member checkpoints, computed with one base module whose weights each member's replace in
+    turn (the module is the caller's: it holds the last member's weights afterwards)."""
 
-    def __init__(self, module: nn.Module, members: list[StateDict]) -> None:
+    def __init__(self, module: nn.Module, members: list[Path]) -> None:
         super().__init__()
         self.module = module
         self.members = members
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         total = None
-        for state_dict in self.members:
-            logits = functional_call(self.module, state_dict, (images,))
+        for path in self.members:
+            logits = load_checkpoint_into(self.module, path)(images)
             total = logits if total is None else total + logits
         return total / len(self.members)
-
-    def _apply(self, fn, recurse: bool = True):
-        """.to()/.cuda()/.half() move and cast the members along with the module."""
-        super()._apply(fn, recurse)
-        self.members = [{k: fn(v) for k, v in m.items()} for m in self.members]
-        return self
 
 
 class EnsembleDetails(RecipeDetails):
@@ -54,9 +52,12 @@ class GreedyEnsembleDetails(EnsembleDetails):
 
 
 def _ensemble_dish(name: str, members: list[Ingredient], inputs: RecipeInputs, details: EnsembleDetails) -> Dish:
-    weights = [to_float32(load_ingredient(i)) for i in members]  # fp16 files still run on CPU
-    model = LogitEnsemble(copy.deepcopy(inputs.module), weights)
-    model.to(device=inputs.device, dtype=next(inputs.module.parameters()).dtype)
+    """The members checked finite now (one tensor at a time), read again whenever the ensemble runs; fp16 files
+    are cast into the module's dtype as they are loaded, so they still run on CPU."""
+    for member in members:
+        for key, tensor in iter_tensors(member.path):
+            ensure_finite(key, tensor, str(member.path))
+    model = LogitEnsemble(inputs.module.to(inputs.device), [m.path for m in members])
     return Dish(name, name, members, model=model, details=details)
 
 

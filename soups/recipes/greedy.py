@@ -15,13 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from soups.checkpoint import Ingredient, StateDict
+from soups.checkpoint import SAFETENSORS_DTYPES, Ingredient, StateDict, ensure_finite, iter_tensors, read_header
 from soups.figures import canvas
 from soups.recipes.base import Dish, Evaluate, Recipe, RecipeDetails, RecipeInputs, RecipeOptions
 from soups.selection import best_first
-from soups.statedict import blend, cast_like, load_ingredient, to_float32
+from soups.statedict import load_ingredient
 
 
 @dataclass(frozen=True)
@@ -65,14 +66,14 @@ def greedy_soup(
     ranked = best_first(scored)  # accuracy, then held-out loss, then version: one order everywhere
 
     best = ranked[0]
-    reference = load_ingredient(best)
-    soup = to_float32(reference)
+    stored = {key: SAFETENSORS_DTYPES[spec.dtype] for key, spec in read_header(best.path).items()}
+    soup = {k: v.float() for k, v in load_ingredient(best).items()}  # no second copy when stored in float32
     accepted = [best]
     score = float(best.score)
     trajectory = [GreedyStep(best.name, score, score, True, 1)]
     for ingredient in ranked[1:]:
         if combine is None:
-            candidate = blend(soup, load_ingredient(ingredient), 1.0 / (len(accepted) + 1))
+            candidate = blend_file(soup, ingredient, 1.0 / (len(accepted) + 1))
         else:
             candidate = combine([*accepted, ingredient])
         candidate_score = float(evaluate(candidate))
@@ -82,7 +83,18 @@ def greedy_soup(
             soup, score = candidate, candidate_score
             accepted.append(ingredient)
         trajectory.append(GreedyStep(ingredient.name, float(ingredient.score), candidate_score, keep, len(accepted)))
-    return GreedyResult(cast_like(soup, reference), accepted, score, trajectory, evaluations)
+    return GreedyResult({k: v.to(stored[k]) for k, v in soup.items()}, accepted, score, trajectory, evaluations)
+
+
+def blend_file(soup: StateDict, ingredient: Ingredient, weight: float) -> StateDict:
+    """`blend` of the running soup with an ingredient read one tensor at a time (the soup and the candidate are
+    the only models held); the ingredient's non-floating tensors are the soup's, as `blend` keeps them."""
+    candidate = {}
+    for key, tensor in iter_tensors(ingredient.path):
+        ensure_finite(key, tensor, str(ingredient.path))
+        value = soup[key]
+        candidate[key] = torch.lerp(value, tensor.float(), weight) if value.is_floating_point() else value
+    return candidate
 
 
 def _with_score(ingredient: Ingredient, score: float) -> Ingredient:

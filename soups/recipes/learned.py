@@ -17,16 +17,23 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
-from safetensors import safe_open
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from soups.checkpoint import Ingredient, StateDict, check_compatible, ensure_finite
+from soups.checkpoint import (
+    SAFETENSORS_DTYPES,
+    Ingredient,
+    StateDict,
+    check_compatible,
+    ensure_finite,
+    iter_tensors,
+)
 from soups.figures import canvas
 from soups.recipes.base import Dish, FitSet, Recipe, RecipeDetails, RecipeInputs, RecipeOptions
 from soups.statedict import average_checkpoints
@@ -65,22 +72,28 @@ class LearnedMix:
 def stack_ingredients(
     paths: list, device: str | torch.device, dtype: torch.dtype | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Stack each floating tensor of all ingredients into one [N, ...] tensor on the device.
+    """Stack each floating tensor of all ingredients into one [N, ...] tensor on the device, in ``dtype``
+    (float32 by default).
 
+    The stacks are allocated once in their final dtype and filled one file at a time, each tensor copied into
+    its slot as it is read: the N ingredients are held once, as the stacks, plus one tensor of one open file
+    (never an float32 [N, ...] intermediate when stacking in bfloat16, nor all N files mapped at once).
     Returns (stacked floating tensors, non-floating tensors taken from the first ingredient).
     """
     layout = check_compatible(paths)
-    handles = [safe_open(str(p), framework="pt") for p in paths]
-    stacked: dict[str, torch.Tensor] = {}
+    stacked = {
+        key: torch.empty((len(paths), *spec.shape), dtype=dtype or torch.float32, device=device)
+        for key, spec in layout.items()
+        if SAFETENSORS_DTYPES[spec.dtype].is_floating_point
+    }
     fixed: dict[str, torch.Tensor] = {}
-    for key in layout:
-        tensors = [h.get_tensor(key) for h in handles]
-        if not tensors[0].is_floating_point():
-            fixed[key] = tensors[0].to(device)
-            continue
-        for path, tensor in zip(paths, tensors, strict=True):
-            ensure_finite(key, tensor, str(path))
-        stacked[key] = torch.stack(tensors).to(device=device, dtype=dtype or torch.float32)
+    for index, path in enumerate(paths):
+        for key, tensor in iter_tensors(Path(path)):
+            if key in stacked:
+                ensure_finite(key, tensor, str(path))
+                stacked[key][index].copy_(tensor)
+            elif index == 0:
+                fixed[key] = tensor.to(device)
     return stacked, fixed
 
 

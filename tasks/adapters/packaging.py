@@ -12,6 +12,8 @@ import shutil
 import warnings
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 from mlflow import MlflowClient
@@ -42,12 +44,8 @@ def log_classifier_model(
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / WEIGHTS_FILE  # the name the spec loads; a link, not a copy (MLflow copies it once more)
-    weights.unlink(missing_ok=True)
-    try:
-        os.link(checkpoint, weights)
-    except OSError:  # another filesystem
-        shutil.copyfile(checkpoint, weights)
+    weights = folder / WEIGHTS_FILE  # the name the spec loads; a link, not a copy
+    link_or_copy(checkpoint, weights)
     spec_path = write_spec(spec, folder)
     size = spec.preprocess.size
     signature = ModelSignature(  # in: uint8 images; out: the predicted class name, then each class's probability
@@ -69,11 +67,36 @@ def log_classifier_model(
         )
     from mlflow.entities import LoggedModelStatus
 
+    link_or_copy(checkpoint, model_dir / MODEL_WEIGHTS)  # save_model copied it: the package links it again
     experiment_id = client.get_run(run_id).info.experiment_id
     logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, model_type="classifier")
-    client.log_model_artifacts(logged.model_id, str(model_dir))
+    store = local_folder(logged.artifact_location)
+    if store is None:
+        client.log_model_artifacts(logged.model_id, str(model_dir))
+    else:  # a local artifact store: linked in, so the registered weights are the cooked file itself
+        for source in sorted(model_dir.rglob("*")):
+            if source.is_file():
+                link_or_copy(source, store / source.relative_to(model_dir))
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     return logged.artifact_location, logged.model_id
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link of ``source`` (a copy across filesystems), replacing what was there."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem
+        shutil.copyfile(source, target)
+
+
+def local_folder(uri: str) -> Path | None:
+    """The folder a ``file:`` artifact location (or a plain path) names; None for a remote store."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        return None
+    return Path(url2pathname(parsed.path))
 
 
 def logged_model_of(client: MlflowClient, run_id: str, name: str) -> tuple[str, str] | None:

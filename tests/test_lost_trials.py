@@ -180,3 +180,23 @@ def test_a_running_sweeps_reaper_fails_a_ghost_that_appears_meanwhile_within_its
     assert client.get_run(run_id).info.status == "FAILED"
     assert client.get_run(own).info.status == "RUNNING", "the sweep's own run is never reaped"
     assert {"f" * 32: client.get_run(run_id).data.tags["failure_reason"]} in crashed
+
+
+def test_a_trial_failed_by_a_database_outage_is_lost_and_one_failed_by_its_own_error_is_not():
+    """What `retry_lost` asks again: trials whose process or a database went away (the study's, or the MLflow
+    server's, answering 503 while it reconnects), never one whose training raised."""
+    from tasks.adapters.reaping import lost
+
+    study = optuna.create_study(direction="maximize")
+    reasons = {
+        "process died (pid 12 on host a)": True,
+        "OperationalError: (psycopg2.OperationalError) connection refused": True,
+        "RestException: TEMPORARILY_UNAVAILABLE: (psycopg2.OperationalError) connection refused": True,
+        "RestException: INVALID_PARAMETER_VALUE: bad metric": False,
+        "RuntimeError: CUDA out of memory": False,
+    }
+    for reason, expected in reasons.items():
+        trial = study.ask()
+        trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, state=TrialState.FAIL)
+        assert lost(study.trials[-1]) is expected, reason

@@ -48,8 +48,8 @@ def _labels() -> list[str]:
 
 def _accepted_by_every_store(name: str, tmp_path) -> None:
     validation._validate_logged_model_name(name)
-    validation._validate_model_alias_name(name)
-    validation._validate_model_alias_name_reserved(name)
+    validation._validate_alias_name(name)
+    validation._validate_alias_name_reserved(name)
     validation._validate_tag_name(name)
     validation._validate_param_name(name)
     validation._validate_model_name(name)

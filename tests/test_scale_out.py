@@ -53,8 +53,11 @@ def _service(root: Path, name: str):
 
 
 def _submitted_by(root: Path, worker: str) -> set[str]:
-    """Flow run ids the worker took, from its own log."""
-    return set(re.findall(r"submitting flow run '([0-9a-f-]{36})'", (root / f"{worker}.log").read_text()))
+    """Flow run ids the worker took, from its own log: both workers may pick up one scheduled run, and the server
+    aborts all but one of them before it runs (Prefect logs the abort)."""
+    log = (root / f"{worker}.log").read_text()
+    aborted = set(re.findall(r"Aborted submission of flow run '([0-9a-f-]{36})'", log))
+    return set(re.findall(r"submitting flow run '([0-9a-f-]{36})'", log)) - aborted
 
 
 @contextmanager

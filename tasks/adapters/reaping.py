@@ -105,9 +105,10 @@ def reap_ghosts(
     return reaped
 
 
-LOST = ("process died", "StorageInternalError:", "OperationalError:")
-"""How the reason of a trial lost with its process, or with the study's database (down for longer than its
-storage waits), begins."""
+LOST = ("process died", "StorageInternalError:", "OperationalError:", "RestException: TEMPORARILY_UNAVAILABLE:")
+"""How the reason of a trial lost with its process, with the study's database (down for longer than its storage
+waits), or with the tracking server's database (MLflow answers 503 TEMPORARILY_UNAVAILABLE while it reconnects),
+begins."""
 
 
 def lost(trial: FrozenTrial) -> bool:

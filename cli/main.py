@@ -151,18 +151,17 @@ def _print_summary(config, kitchen: dict, seconds: float) -> None:
         f"  MLflow UI:        mlflow ui --backend-store-uri {tracking.resolved_mlflow_uri()} "
         f"--default-artifact-root {tracking.artifact_root()}"
     )
-    print(f"  Optuna dashboard: pip install optuna-dashboard && optuna-dashboard {tracking.resolved_optuna_storage()}")
+    dashboard = f"optuna-dashboard {tracking.resolved_optuna_storage()}"
+    print(f"  Optuna dashboard: pip install -c requirements.lock -e '.[ui]' && {dashboard}")
     print(f"  Prefect UI:       PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start")
 
 
 def serve_command(args: argparse.Namespace) -> None:
     """``mlflow models serve`` of the promoted model from this project's environment, activated or not: MLflow
     starts uvicorn by name, so the interpreter's own bin folder goes first on PATH (without it: exit 127)."""
-    from tasks.adapters.tracking import ensure_experiment
-
     config = config_from(args)
-    ensure_experiment(config)  # opens the store where it is now (a moved root's locations follow it)
     model = f"models:/{config.experiment}@{args.alias}"
+    _check_promoted(config, args.alias)
     bin_dir = str(Path(sys.executable).parent)
     env = {
         **os.environ,
@@ -176,8 +175,35 @@ def serve_command(args: argparse.Namespace) -> None:
     os.execve(argv[0], argv, env)
 
 
+def _check_promoted(config, alias: str) -> None:
+    """One line, and nothing created, when there is nothing to serve: no local store yet, or no version holds
+    the alias."""
+    nothing = f"nothing is promoted as {config.experiment}@{alias} yet: run `soups run` (or `soups promote`) first"
+    if not config.tracking.mlflow_uri and not (config.tracking.root / "mlflow.db").is_file():
+        raise UsageError(f"{nothing}; no MLflow store in {config.tracking.root}")
+    from mlflow.exceptions import MlflowException
+
+    from tasks.adapters.tracking import client_for, ensure_experiment
+
+    ensure_experiment(config)  # opens the store where it is now (a moved root's locations follow it)
+    try:
+        client_for(config.tracking).get_model_version_by_alias(config.experiment, alias)
+    except MlflowException:
+        raise UsageError(nothing) from None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("model-soups")
+    except PackageNotFoundError:  # a checkout on the path without `make`
+        return "unknown (not installed: run make)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="soups", description="Model soups: average fine-tuned weights.")
+    parser.add_argument("--version", action="version", version=f"soups {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     cook = commands.add_parser("cook", help="cook a soup from safetensors checkpoints (no server needed)")

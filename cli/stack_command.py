@@ -77,7 +77,7 @@ def stack_up_command(args: argparse.Namespace) -> None:
     print(f"  MLflow UI:        {stack.mlflow_uri}")
     print(f"  Prefect UI:       {stack.prefect_api.removesuffix('/api')}")
     dashboard = f"optuna-dashboard {stack.optuna_storage}"
-    print(f"  Optuna dashboard: pip install optuna-dashboard && . {env_file} && {dashboard}")
+    print(f"  Optuna dashboard: pip install -c requirements.lock -e '.[ui]' && . {env_file} && {dashboard}")
     print(f"Stop it:           soups stack down --root {stack.root}")
 
 

@@ -130,13 +130,37 @@ def child_environment(**extra: str) -> dict[str, str]:
     return {**inherited, **extra}
 
 
+POSTGRES_TOOLS = ("initdb", "pg_ctl", "postgres")
+DEBIAN_POSTGRES = Path("/usr/lib/postgresql")
+
+
 def tool_path(name: str, service: str) -> str:
-    """A command beside this Python (the virtualenv's mlflow and prefect), else on the PATH."""
+    """A command beside this Python (the virtualenv's mlflow and prefect), else on the PATH, else (PostgreSQL's)
+    in Debian's versioned /usr/lib/postgresql/N/bin, the newest first."""
     beside = Path(sys.executable).with_name(name)
     found = str(beside) if beside.exists() else shutil.which(name)
+    if not found and name in POSTGRES_TOOLS:
+        debian = sorted(DEBIAN_POSTGRES.glob(f"*/bin/{name}"), key=lambda p: _version(p.parts[-3]))
+        found = str(debian[-1]) if debian else None
     if not found:
-        raise StackError(f"{service}: `{name}` is not on the PATH; install it (PostgreSQL: its bin folder)")
+        raise StackError(
+            f"{service}: `{name}` is not on the PATH nor in /usr/lib/postgresql/N/bin; install it "
+            "(PostgreSQL: e.g. `apt-get install postgresql`, or put its bin folder on the PATH)"
+        )
     return found
+
+
+def _version(folder: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in folder.split(".") if part.isdigit())
+
+
+def require_postgres() -> None:
+    """`make test`'s check: the stack tests need PostgreSQL's own tools; one line and exit 1 when missing."""
+    try:
+        for name in POSTGRES_TOOLS:
+            tool_path(name, "make test (the stack tests run real PostgreSQL clusters)")
+    except StackError as err:
+        raise SystemExit(str(err)) from None
 
 
 def launch(root: Path, name: str, argv: list[str], env: dict[str, str], address: str) -> Started:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cli.common import UsageError, assignments, config_from
+from cli.config_command import add_config_parsers
 from cli.import_command import add_import_parser
 from cli.prefect_runtime import prepare_environment, quiet_tracebacks, start_temporary_server
 from cli.preflight import check_dispatch, check_pretrained, check_stores, unsafe_checkpoint
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=serve_command)
     add_import_parser(commands)
     add_stack_parser(commands)
+    add_config_parsers(commands)
     return parser
 
 

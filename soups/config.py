@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 
 from soups.pretrained import PretrainedStart, parse_pretrained
 from soups.splits import OOD_VAL_MEAN
@@ -73,7 +73,9 @@ class DataConfig(_Section):
                 return {**value, "from": "train"}
             return value
 
-    name: Literal["digits", "imagefolder", "csv"] = "digits"
+    name: Literal["digits", "imagefolder", "csv"] = Field(
+        "digits", description="digits (scikit-learn's, offline), imagefolder (data.root) or csv (data.manifest)."
+    )
     root: Path | None = Field(None, description="imagefolder: folder with train/ val/ test/ (+ shift folders).")
     manifest: Path | None = Field(None, description="csv: manifest with columns path,label[,split].")
     seed: int = Field(0, description="Seed of the split and of the generated shift sets.")
@@ -171,13 +173,13 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """One fine-tuning run; the paper's sweep space is expressible field by field."""
 
-    lr: float = Field(3e-4, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(32, ge=1)
-    warmup_steps: int = Field(10, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    lr: float = Field(3e-4, gt=0, description="AdamW's peak learning rate (cosine decay after the warmup).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW's decoupled weight decay.")
+    epochs: int = Field(3, ge=1, description="Passes over the train split.")
+    batch_size: int = Field(32, ge=1, description="Images per optimisation step.")
+    warmup_steps: int = Field(10, ge=0, description="Steps of linear learning-rate warmup from 0.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradients' global L2 norm to this; null: never.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy; 0: off.")
     mixup_alpha: float = Field(0.0, ge=0, description="Beta(alpha, alpha) mixup; 0 turns it off.")
     randaugment_m: int = Field(0, ge=0, le=30, description="RandAugment magnitude.")
     randaugment_n: int = Field(0, ge=0, le=4, description="RandAugment ops per image; 0 turns it off.")
@@ -197,7 +199,7 @@ class TrainConfig(_Section):
         "than one, the one with the lowest held-out cross-entropy is the start (a start should be calibrated, "
         "not only accurate: unpenalised heads on separable features grow without bound).",
     )
-    seed: int = 0
+    seed: int = Field(0, description="Seeds initialisation order, augmentation and mixup (a trial adds its number).")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'.")
     bf16: bool = Field(True, description="bfloat16 autocast for training on CUDA (ignored on CPU).")
     threads: int | None = Field(None, ge=1, description="CPU threads for this run (default: all cores).")
@@ -207,15 +209,18 @@ class TrainConfig(_Section):
         "setting, so a rerun on the same GPU is bit-identical (slower; see README, Reproducibility). CPU runs "
         "are bit-identical without it for the same machine, seed and thread count.",
     )
-    eval_batch_size: int = Field(512, ge=1)
+    eval_batch_size: int = Field(512, ge=1, description="Images per forward pass when scoring.")
     crop_scale: tuple[float, float] | None = Field(
         None,
         description="Random resized crop scale range at the model's resolution (the paper's ImageNet runs: timm's "
         "[0.08, 1.0]); null: resize and centre-crop (the digits default).",
     )
     hflip: bool = Field(False, description="Random horizontal flip, p 0.5 (ImageNet yes; digits must not flip).")
-    cache_bytes: int = Field(
-        8 << 30, ge=0, description="Decode the train split once into memory when it fits; stream it from disk beyond."
+    cache_bytes: ByteSize = Field(
+        8 << 30,
+        ge=0,
+        description="Decode the train split once into memory when it fits; stream it from disk beyond. "
+        "Bytes, or with a unit: 16GiB, 512MB.",
     )
     workers: int = Field(4, ge=0, description="DataLoader worker processes when the train split is streamed.")
     prefetch: int = Field(2, ge=1, description="Batches each worker prepares ahead.")
@@ -244,10 +249,11 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """How the kitchen reads evaluation splits: decoded once into memory while they fit, streamed beyond."""
 
-    cache_bytes: int = Field(
+    cache_bytes: ByteSize = Field(
         8 << 30,
         ge=0,
-        description="Memory for decoded evaluation splits (held-out first, then test, then shifts); the rest stream.",
+        description="Memory for decoded evaluation splits (held-out first, then test, then shifts); the rest stream. "
+        "Bytes, or with a unit: 16GiB, 512MB.",
     )
     workers: int = Field(2, ge=0, description="DataLoader worker processes for streamed evaluation splits.")
     precision: Precision = Field(
@@ -269,11 +275,15 @@ class Distribution(_Section):
     """One hyperparameter's search range. ``or_zero`` samples 'off' (0) or a value from the range, as the paper
     did for label smoothing and mixup."""
 
-    kind: Literal["loguniform", "uniform", "int", "categorical"]
-    low: float | None = Field(None, allow_inf_nan=False)
-    high: float | None = Field(None, allow_inf_nan=False)
-    choices: list[float | int | str] | None = None
-    or_zero: bool = False
+    kind: Literal["loguniform", "uniform", "int", "categorical"] = Field(
+        description="loguniform, uniform, int (both ends included) or categorical (from choices)."
+    )
+    low: float | None = Field(None, allow_inf_nan=False, description="The range's low end (not categorical).")
+    high: float | None = Field(None, allow_inf_nan=False, description="The range's high end (not categorical).")
+    choices: list[float | int | str] | None = Field(None, description="The values a categorical one picks from.")
+    or_zero: bool = Field(
+        False, description="Each draw first picks on or off; off is 0 (the paper's smoothing, mixup)."
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> Distribution:
@@ -301,10 +311,12 @@ def paper_search_space() -> dict[str, Distribution]:
 
 
 class SweepConfig(_Section):
-    sampler: Literal["tpe", "random", "qmc"] = "tpe"
+    sampler: Literal["tpe", "random", "qmc"] = Field(
+        "tpe", description="Optuna sampler: tpe, random (the paper's sweep) or qmc (Sobol, scrambled)."
+    )
     n_trials: int = Field(16, ge=1, description="Trials to add in this run (a resumed study keeps its old ones).")
     parallel: int = Field(1, ge=1, description="Trials running at once.")
-    seed: int = 0
+    seed: int = Field(0, description="The sampler's seed.")
     pruning: bool = Field(False, description="Median pruning on per-epoch held-out accuracy.")
     study_name: str | None = Field(None, description="Defaults to the experiment name.")
     dispatch: Literal["local", "deployment"] = Field(
@@ -501,27 +513,37 @@ class PretrainConfig(_Section):
     own) keep the text tower from collapsing to one embedding early on.
     """
 
-    epochs: int = Field(6, ge=1)
-    batch_size: int = Field(32, ge=2)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    warmup_steps: int = Field(10, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    seed: int = 0
+    epochs: int = Field(6, ge=1, description="Passes over the pretraining images.")
+    batch_size: int = Field(32, ge=2, description="Image-text pairs per contrastive step (at least 2).")
+    lr: float = Field(1e-3, gt=0, description="AdamW's peak learning rate.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW's decoupled weight decay.")
+    warmup_steps: int = Field(10, ge=0, description="Steps of linear learning-rate warmup from 0.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradients' global L2 norm to this; null: never.")
+    seed: int = Field(0, description="Seeds the offline pretraining.")
 
 
 class PipelineConfig(_Section):
     """The whole job: pretrain (optional) -> Optuna sweep of fine-tunes -> soup kitchen -> promotion."""
 
-    experiment: str = Field("digits-soups", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
+    experiment: str = Field(
+        "digits-soups",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Names the MLflow experiment, the registered models (<experiment>, <experiment>-ingredients) "
+        "and the Optuna study.",
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The architecture and its start.")
+    data: DataConfig = Field(default_factory=DataConfig, description="The dataset, its splits and shift sets.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Base settings; the sweep samples over them.")
-    space: dict[str, Distribution] = Field(default_factory=paper_search_space)
-    sweep: SweepConfig = Field(default_factory=SweepConfig)
-    kitchen: KitchenConfig = Field(default_factory=KitchenConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    space: dict[str, Distribution] = Field(
+        default_factory=paper_search_space,
+        description="What the sweep samples, by train field (default: the paper's seven dimensions).",
+    )
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="The Optuna sweep of fine-tunes.")
+    kitchen: KitchenConfig = Field(default_factory=KitchenConfig, description="What the kitchen cooks and picks.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="How evaluation splits are read and scored.")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Where MLflow, Optuna and checkpoints keep their data."
+    )
     pretrain: PretrainConfig | None = Field(
         default_factory=PretrainConfig,
         description="Pretrain offline when model.pretrained is null; set to null to fine-tune from random init.",

@@ -106,7 +106,11 @@ class GreedyOptions(RecipeOptions):
     combine: str = Field(
         "uniform", description="Recipe that builds each candidate from the kept ingredients (uniform: running mean)."
     )
-    combine_options: dict[str, Any] = Field(default_factory=dict, description="Options of the combine recipe.")
+    combine_options: dict[str, Any] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="Options of the combine recipe (its defaults filled in).",
+    )
 
     @field_validator("combine")
     @classmethod

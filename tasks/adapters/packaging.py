@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlparse
@@ -54,17 +53,15 @@ def log_classifier_model(
     )
     model_dir = folder / MODEL_ARTIFACT
     shutil.rmtree(model_dir, ignore_errors=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*type hints.*")  # the signature is explicit
-        mlflow.pyfunc.save_model(
-            str(model_dir),
-            python_model=str(MODEL_CODE),
-            artifacts={"weights": str(weights), "spec": str(spec_path)},
-            code_paths=[str(SOUPS_PACKAGE)],
-            pip_requirements=pip_requirements(),
-            signature=signature,
-            input_example=np.full((1, size, size, 3), 128, dtype=np.uint8),  # one grey image, as a caller sends it
-        )
+    mlflow.pyfunc.save_model(
+        str(model_dir),
+        python_model=str(MODEL_CODE),
+        artifacts={"weights": str(weights), "spec": str(spec_path)},
+        code_paths=[str(SOUPS_PACKAGE)],
+        pip_requirements=pip_requirements(),
+        signature=signature,
+        input_example=np.full((1, size, size, 3), 128, dtype=np.uint8),  # one grey image, as a caller sends it
+    )
     from mlflow.entities import LoggedModelStatus
 
     link_or_copy(checkpoint, model_dir / MODEL_WEIGHTS)  # save_model copied it: the package links it again

@@ -4,6 +4,7 @@ JSON spec as artifacts, so loading it never unpickles a Python object."""
 from __future__ import annotations
 
 import mlflow
+import numpy as np
 from mlflow.pyfunc import PythonModel
 
 
@@ -16,8 +17,9 @@ class SoupClassifier(PythonModel):
 
         self.classifier, self.spec = load_packaged(context.artifacts["weights"], context.artifacts["spec"])
 
-    def predict(self, context, model_input, params=None):
-        import numpy as np
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None):
+        """The hint is one MLflow takes as is (no schema inferred from it, no warning): the logged signature
+        is what checks the input."""
         import pandas as pd
 
         from soups.serving import PREDICTED, predict_proba

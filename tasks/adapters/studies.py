@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import optuna
@@ -52,8 +53,7 @@ def storage_for(
             "heartbeat_stale_trial_callback": on_stale,
         }
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with experimental_ok():
             if url.startswith("sqlite"):
                 return optuna.storages.RDBStorage(url, **heartbeat)
             return ServerStorage(url, **heartbeat)  # rides over a restart of the database server
@@ -80,7 +80,16 @@ def make_sampler(config: PipelineConfig, finished_before: int = 0) -> optuna.sam
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
     }
-    return samplers[config.sweep.sampler]()
+    with experimental_ok():  # QMCSampler is experimental since Optuna 3.0
+        return samplers[config.sweep.sampler]()
+
+
+@contextmanager
+def experimental_ok() -> Iterator[None]:
+    """Optuna's ExperimentalWarning, and only it, silenced around the experimental APIs used on purpose."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def make_pruner(pruning: bool) -> optuna.pruners.BasePruner:
@@ -104,7 +113,8 @@ def open_study(config: PipelineConfig) -> optuna.Study:
             direction="maximize",
             load_if_exists=True,
         )
-    study.set_metric_names(["heldout_accuracy"])  # the objective, named in the Optuna dashboard (maximised)
+    with experimental_ok():
+        study.set_metric_names(["heldout_accuracy"])  # the objective, named in the Optuna dashboard (maximised)
     if study.trials:
         study.sampler = make_sampler(config, len(study.trials))
     return study

@@ -180,7 +180,10 @@ def _check_promoted(config, alias: str) -> None:
     """One line, and nothing created, when there is nothing to serve: no local store yet, or no version holds
     the alias."""
     nothing = f"nothing is promoted as {config.experiment}@{alias} yet: run `soups run` (or `soups promote`) first"
-    if not config.tracking.mlflow_uri and not (config.tracking.root / "mlflow.db").is_file():
+    from tasks.adapters.relocation import own_database
+
+    database = own_database(config.tracking)
+    if database is not None and not database.is_file():
         raise UsageError(f"{nothing}; no MLflow store in {config.tracking.root}")
     from mlflow.exceptions import MlflowException
 

@@ -140,8 +140,8 @@ def tool_path(name: str, service: str) -> str:
     beside = Path(sys.executable).with_name(name)
     found = str(beside) if beside.exists() else shutil.which(name)
     if not found and name in POSTGRES_TOOLS:
-        debian = sorted(DEBIAN_POSTGRES.glob(f"*/bin/{name}"), key=lambda p: _version(p.parts[-3]))
-        found = str(debian[-1]) if debian else None
+        newest = max(DEBIAN_POSTGRES.glob(f"*/bin/{name}"), key=lambda p: _version(p.parts[-3]), default=None)
+        found = str(newest) if newest else None
     if not found:
         raise StackError(
             f"{service}: `{name}` is not on the PATH nor in /usr/lib/postgresql/N/bin; install it "
